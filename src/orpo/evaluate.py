@@ -1,0 +1,102 @@
+"""Held-out metrics: preference metrics through the training loss, and task accuracy by greedy generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import collate
+from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss, token_logps
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one process)
+
+
+def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Naive path: one forward over [chosen; rejected], full logits, per-token log-probs (2B, T-1) in fp32."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return token_logps(out.logits, batch["input_ids"])  # (2B, T-1)
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """Row indices this process handles."""
+    return list(range(rank, n, world))
+
+
+@torch.no_grad()
+def preference_metrics(
+    model,
+    dataset,
+    *,
+    beta: float,
+    nll_on_prompt: bool,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    reduce: Reduce = lambda t: t,
+    autocast=None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """TRL-named ORPO metrics over a whole tokenized dataset, normalised over all of it (exact means)."""
+    was_training = model.training
+    model.eval()
+    rows = shard(len(dataset), rank, world)
+    total = None
+    for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, disable=not show_progress):
+        records = dataset.select(rows[start : start + batch_size])
+        batch = {k: v.to(device) for k, v in collate(list(records), pad_id).items()}
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            logps = forward_logps(model, batch)
+        response, nll = loss_masks(batch, nll_on_prompt)
+        _, stats = orpo_loss(logps, response, nll, beta, Norm(1.0, 1.0))
+        total = add_stats(total, stats)
+    model.train(was_training)
+    if total is None:
+        raise ValueError("evaluation set is empty")
+    total = {k: reduce(v) for k, v in total.items()}
+    return finish_metrics(total, beta)
+
+
+@torch.no_grad()
+def generate_replies(
+    model, tokenizer, prompts: list[list[dict[str, str]]], *, max_new_tokens: int, batch_size: int, device, show_progress=True
+) -> list[str]:
+    """Greedy replies to chat prompts (message lists), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not show_progress):
+            texts = [
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                for p in prompts[start : start + batch_size]
+            ]
+            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]  # (b, new)
+            replies.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return replies
+
+
+def task_accuracy(model, tokenizer, rows: list[dict], check, *, max_new_tokens: int, batch_size: int, device, show_progress=True):
+    """Share of rows whose greedy reply passes `check(row, reply)`; also returns (row, reply, ok) samples."""
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    replies = generate_replies(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, show_progress=show_progress
+    )
+    results = [(row, reply, bool(check(row, reply))) for row, reply in zip(rows, replies, strict=True)]
+    return sum(ok for _, _, ok in results) / max(len(results), 1), results

@@ -1,0 +1,134 @@
+"""Load the model and tokenizer, set up the chat template, attach LoRA (or QLoRA), save the result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .builtin.model import builtin_model_dir
+from .config import BUILTIN, Config
+
+log = logging.getLogger(__name__)
+
+# ChatML, the format of the reference job's set-up: <|im_start|>{role}\n{content}<|im_end|>\n per message.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_dtype(config: Config) -> torch.dtype:
+    if config.model.dtype != "auto":
+        return _DTYPES[config.model.dtype]
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def _source(config: Config) -> tuple[str, dict]:
+    """Where to load from, and the loading kwargs shared by model and tokenizer."""
+    if config.model.name_or_path == BUILTIN:
+        return str(builtin_model_dir()), {}
+    kwargs = {"trust_remote_code": config.model.trust_remote_code}
+    if config.model.revision:
+        kwargs["revision"] = config.model.revision
+    if config.model.gguf_file:
+        kwargs["gguf_file"] = config.model.gguf_file
+    return config.model.name_or_path, kwargs
+
+
+def load_tokenizer(config: Config):
+    """The tokenizer, with a pad token, and ChatML set up when asked or when it has no template.
+
+    Returns (tokenizer, new_token_ids): ids of tokens added for ChatML, whose embedding rows must train.
+    """
+    from transformers import AutoTokenizer
+
+    source, kwargs = _source(config)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    mode = config.model.chat_template
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "own" and not has_template:
+        raise ValueError(f"model.chat_template=own but {config.model.name_or_path} has no chat template; use auto or chatml")
+    new_ids: list[int] = []
+    if mode == "chatml" or not has_template:
+        before = len(tokenizer)
+        tokenizer.add_tokens(list(CHATML_TOKENS), special_tokens=True)
+        new_ids = list(range(before, len(tokenizer)))
+        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.eos_token = "<|im_end|>"
+        log.info("chat template: ChatML set up (%d new tokens)", len(new_ids))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer, new_ids
+
+
+def load_model(config: Config, tokenizer, new_token_ids: list[int]):
+    """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled."""
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = _source(config)
+    dtype = weights_dtype(config)
+    if config.model.attn_implementation:
+        kwargs["attn_implementation"] = config.model.attn_implementation
+    if config.model.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=_DTYPES[config.model.bnb_4bit_compute_dtype],
+        )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if new_token_ids:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    eot = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    model.generation_config.eos_token_id = eot
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if config.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+    if not config.lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        task_type="CAUSAL_LM",
+        # New ChatML tokens: train just their embedding rows, saved with the adapter.
+        trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
+    )
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_final(model, tokenizer, out_dir: Path) -> Path:
+    """Adapter (or full model) with tokenizer and chat template; loads with transformers/peft as it is."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

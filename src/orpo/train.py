@@ -1,0 +1,190 @@
+"""The training loop on Accelerate, top to bottom: set-up, before-eval, steps, checkpoints, after-eval, save.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches. Their token and pair counts are summed
+(and summed over processes) before the first backward, so each micro-batch's loss is already divided by
+the whole step's counts: the accumulated gradient is the gradient of one big batch (see loss.Norm).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
+from .config import BUILTIN, Config, save_config
+from .data import PairSampler, collate, load_pairs
+from .evaluate import forward_logps, preference_metrics, task_accuracy
+from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss
+from .model import count_parameters, load_model, load_tokenizer, save_final
+from .optim import make_optimizer, make_scheduler
+from .tracking import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+def micro_batch_stream(sampler: PairSampler, dataset, pad_id: int, start: int):
+    """Endless (epoch after epoch) collated micro-batches, starting `start` micro-batches in."""
+    per_epoch = sampler.batches_per_epoch()
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        for indices in sampler.epoch(epoch, offset):
+            yield collate(list(dataset.select(indices)), pad_id)
+        epoch, offset = epoch + 1, 0
+
+
+def global_norm(batches: list[dict[str, torch.Tensor]], nll_on_prompt: bool, accelerator) -> Norm:
+    """NLL-token and pair counts of the whole optimizer step, over micro-batches and processes."""
+    counts = torch.zeros(2, device=accelerator.device)
+    for batch in batches:
+        _, nll = loss_masks(batch, nll_on_prompt)
+        counts += torch.tensor([float(nll.sum()), batch["input_ids"].shape[0] / 2], device=accelerator.device)
+    counts = accelerator.reduce(counts, reduction="sum")
+    return Norm(nll_tokens=float(counts[0]), pairs=float(counts[1]))
+
+
+def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerator, label: str) -> dict[str, float]:
+    """Preference metrics on the held-out pairs, plus task accuracy for the builtin set."""
+    metrics = preference_metrics(
+        model,
+        eval_ds,
+        beta=config.beta,
+        nll_on_prompt=config.nll_on_prompt,
+        batch_size=config.per_device_eval_batch_size,
+        pad_id=tokenizer.pad_token_id,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        reduce=lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"),
+        autocast=accelerator.autocast,
+        show_progress=accelerator.is_local_main_process,
+    )
+    if config.data.path == BUILTIN:
+        from .builtin.tasks import check
+
+        acc, samples = task_accuracy(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            list(eval_raw),
+            check,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.per_device_eval_batch_size,
+            device=accelerator.device,
+            show_progress=accelerator.is_local_main_process,
+        )
+        metrics["task_accuracy"] = acc
+        metrics["samples"] = [{"prompt": r["prompt"], "reply": reply, "correct": ok} for r, reply, ok in samples[:8]]
+    log.info("%s eval: %s", label, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    return metrics
+
+
+def train(config: Config) -> dict:
+    """Run one ORPO training job described by `config`; returns the summary written to summary.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(config.output_dir)
+    mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+    accelerator = Accelerator(mixed_precision=mixed, log_with=config.report_to or None, project_dir=str(out))
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    set_seed(config.seed)
+
+    tokenizer, new_token_ids = load_tokenizer(config)
+    train_ds, eval_ds, eval_raw, report = load_pairs(config, tokenizer)
+    log.info("data: %s", report.as_dict())
+    model = load_model(config, tokenizer, new_token_ids)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    sampler = PairSampler(len(train_ds), config.per_device_train_batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
+    steps_per_epoch = math.ceil(sampler.batches_per_epoch() / config.gradient_accumulation_steps)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = TrainState()
+    if config.resume_from_checkpoint:
+        path = resolve_checkpoint(out, config.resume_from_checkpoint)
+        state = load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+        log.info("resumed from %s at step %d", path, state.step)
+
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator if config.report_to else None, enabled=main)
+    if config.report_to:
+        accelerator.init_trackers("orpo", config=json.loads(config.model_dump_json()))
+    summary: dict = {"data": report.as_dict(), "total_steps": total_steps}
+    eval_every = config.eval_interval(total_steps)
+    if eval_ds is not None and config.eval_on_start and state.step == 0:
+        summary["before"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "before")
+        metrics_log.write(0, {f"eval_{k}": v for k, v in summary["before"].items() if k != "samples"})
+
+    stream = micro_batch_stream(sampler, train_ds, tokenizer.pad_token_id, state.micro_batches)
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    window, window_tokens, window_start = None, 0, time.perf_counter()
+    while state.step < total_steps:
+        batches = [next(stream) for _ in range(config.gradient_accumulation_steps)]
+        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+        norm = global_norm(batches, config.nll_on_prompt, accelerator)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+                logps = forward_logps(model, batch)  # (2B, T-1)
+                response, nll = loss_masks(batch, config.nll_on_prompt)
+                loss, stats = orpo_loss(logps, response, nll, config.beta, norm)
+            # DDP averages gradients over processes; the loss is already a global mean, so undo that average.
+            accelerator.backward(loss * accelerator.num_processes)
+            window = add_stats(window, stats)
+            window_tokens += int(batch["attention_mask"].sum())
+        grad_norm = None
+        if config.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.micro_batches += len(batches)
+        state.tokens += window_tokens
+        bar.update(1)
+
+        if state.step % config.logging_steps == 0 or state.step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            values = finish_metrics({k: accelerator.reduce(v, reduction="sum") for k, v in window.items()}, config.beta)
+            values.update(
+                learning_rate=scheduler.get_last_lr()[0],
+                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),  # sync point
+                epoch=state.micro_batches / sampler.batches_per_epoch(),
+                tokens_per_second=window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
+            )
+            metrics_log.write(state.step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
+            window, window_tokens, window_start = None, 0, time.perf_counter()
+        if eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
+            metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}")
+            metrics_log.write(state.step, {f"eval_{k}": v for k, v in metrics.items() if k != "samples"})
+        if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps and main:
+            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, config)
+            prune_checkpoints(out, config.save_total_limit)
+    bar.close()
+
+    if eval_ds is not None:
+        summary["after"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "after")
+        metrics_log.write(state.step, {f"eval_{k}": v for k, v in summary["after"].items() if k != "samples"})
+    accelerator.wait_for_everyone()
+    if main:
+        summary["final_model"] = str(save_final(accelerator.unwrap_model(model), tokenizer, out / "final"))
+        summary["steps"] = state.step
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics_log.close()
+    if config.report_to:
+        accelerator.end_training()
+    return summary
