@@ -114,10 +114,22 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int]):
         lora_dropout=config.lora.dropout,
         target_modules=config.lora.target_modules,
         task_type="CAUSAL_LM",
-        # New ChatML tokens: train just their embedding rows, saved with the adapter.
-        trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
+        trainable_token_indices=new_token_rows(model, new_token_ids) or None,
     )
     return get_peft_model(model, lora)
+
+
+def new_token_rows(model, new_token_ids: list[int]) -> dict[str, list[int]]:
+    """Layers whose rows for the new ChatML tokens must train: input embeddings, and the output head
+    when it is not tied to them (else the model could never learn to emit <|im_end|>). Saved with the adapter."""
+    if not new_token_ids:
+        return {}
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = {names[embed]: list(new_token_ids)}
+    if head is not None and head.weight is not embed.weight:
+        rows[names[head]] = list(new_token_ids)
+    return rows
 
 
 def count_parameters(model) -> tuple[int, int]:

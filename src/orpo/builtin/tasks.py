@@ -172,11 +172,11 @@ def _format(rng: random.Random) -> tuple[tuple, dict]:
     if rng.random() < 0.5:
         word = rng.choice(_WORDS)
         prompt = f"Write the word {word} in capital letters. Reply with only the word."
-        rejected = rng.choice((word, word.capitalize()))
+        rejected = rng.choice((word, word.capitalize(), f"The word is {word.upper()}."))
         return ("upper", word), _row("format", prompt, word.upper(), rejected)
     a, b = rng.sample(_WORDS, 2)
     prompt = f"Join the words {a} and {b} with a hyphen. Reply with only the joined words."
-    rejected = rng.choice((f"{a} {b}", f"{a}{b}", f"{a}_{b}"))
+    rejected = rng.choice((f"{a} {b}", f"{a}{b}", f"{a}_{b}", f"The joined words are {a}-{b}."))
     return ("hyphen", a, b), _row("format", prompt, f"{a}-{b}", rejected)
 
 

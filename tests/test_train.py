@@ -1,0 +1,184 @@
+"""End to end on tiny models: files written, exact resume, QLoRA, 8-bit optimizers, ChatML set-up, recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_jsonl
+from conftest import tiny_overrides as overrides
+from safetensors.torch import load_file
+
+from orpo.checkpoint import list_checkpoints, resolve_checkpoint
+from orpo.cli import main
+from orpo.config import load_config
+from orpo.optim import make_scheduler
+from orpo.train import train
+
+TRAIN_KEYS = {
+    "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
+    "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate",
+    "grad_norm", "tokens_per_second",
+}
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_run_writes_everything_and_final_adapter_loads(chat_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *overrides(chat_model_dir, pairs_file, out, eval_steps=2)]) == 0
+    assert "preference accuracy" in capsys.readouterr().out
+    lines = read_metrics(out)
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3]
+    assert TRAIN_KEYS <= set(train_lines[0]) and all(math.isfinite(m["loss"]) for m in train_lines)
+    eval_steps = [m["step"] for m in lines if "eval_loss" in m]
+    assert eval_steps == [0, 2, 3]  # before, every 2 steps, at the end
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"rewards/accuracies", "loss", "nll_loss"} <= set(summary["before"]) <= set(summary["after"])
+    assert summary["data"]["train_pairs"] == 20 and summary["data"]["eval_pairs"] == 4
+    assert load_config(out / "config.yaml").max_steps == 3
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert tokenizer.chat_template and model.peft_config["default"].r == 4
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there!"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert torch.isfinite(model(**ids).logits).all()
+
+
+def test_gradient_accumulation_and_bad_data_do_not_break_the_run(chat_model_dir, tmp_path):
+    rows = [
+        {"prompt": "Hello there! " * 50, "chosen": "How are you today?", "rejected": "I am fine."},  # over-long prompt
+        {"prompt": "Add 2 and 3.", "chosen": "", "rejected": "6"},  # empty response: dropped
+    ] + [{"prompt": "Add 2 and 3.", "chosen": "The answer is 5.", "rejected": "The answer is 6."}] * 9
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    summary = train(load_config(None, overrides(chat_model_dir, data, tmp_path / "run", gradient_accumulation_steps=2, **{"data.test_size": 2})))
+    assert summary["data"]["dropped"] == {"train/empty_response": 1} or summary["data"]["dropped"] == {"eval/empty_response": 1}
+    assert all(math.isfinite(m.get("loss", 0.0)) for m in read_metrics(tmp_path / "run"))
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(chat_model_dir, pairs_file, tmp_path):
+    common = dict(max_steps=6, save_steps=3, gradient_accumulation_steps=2, save_total_limit=5, **{"lora.dropout": 0.1})
+    full = tmp_path / "full"
+    train(load_config(None, overrides(chat_model_dir, pairs_file, full, **common)))
+    assert [p.name for p in list_checkpoints(full)] == ["checkpoint-3"]
+
+    # A second run that "stopped" after step 3: it has the checkpoint, plus debris of an interrupted save.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    (resumed / ".checkpoint-5.partial").mkdir()
+    (resumed / "checkpoint-4").mkdir()  # no COMPLETE marker: never chosen
+    assert resolve_checkpoint(resumed, "latest").name == "checkpoint-3"
+    train(load_config(None, overrides(chat_model_dir, pairs_file, resumed, resume_from_checkpoint="latest", **common)))
+
+    a = load_file(str(full / "final" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda out: {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}  # noqa: E731
+    assert {s: v for s, v in losses(full).items() if s > 3} == losses(resumed)
+
+
+def test_qlora_runs_a_few_steps(wide_model_dir, pairs_file, tmp_path):
+    cfg = load_config(None, overrides(wide_model_dir, pairs_file, tmp_path / "q", max_steps=2, **{
+        "model.load_in_4bit": "true", "model.bnb_4bit_compute_dtype": "float32", "optim": "paged_adamw_8bit"}))
+    from orpo.model import load_model, load_tokenizer
+
+    tokenizer, new = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, new)
+    assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    summary = train(cfg)
+    assert math.isfinite(summary["after"]["loss"])
+
+
+@pytest.mark.parametrize("optim", ["adamw_8bit", "adamw_torch"])
+def test_optimizers_and_gradient_checkpointing(chat_model_dir, pairs_file, tmp_path, optim):
+    summary = train(load_config(None, overrides(chat_model_dir, pairs_file, tmp_path / optim, optim=optim, gradient_checkpointing="true", max_steps=2)))
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+
+
+def test_full_finetuning_saves_a_plain_model(chat_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "full_ft"
+    train(load_config(None, overrides(chat_model_dir, pairs_file, out, max_steps=1, **{"lora.enabled": "false"})))
+    from transformers import AutoModelForCausalLM
+
+    assert (out / "final" / "model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_chatml_setup_on_a_base_model(base_model_dir, pairs_file, tmp_path):
+    """No template: ChatML tokens are added, embeddings resized, and the new rows train and are saved."""
+    out = tmp_path / "chatml"
+    cfg = load_config(None, overrides(base_model_dir, pairs_file, out, max_steps=2, learning_rate=0.05))
+    from orpo.model import load_model, load_tokenizer
+
+    tokenizer, new_ids = load_tokenizer(cfg)
+    assert len(new_ids) == 2 and tokenizer.convert_ids_to_tokens(new_ids) == ["<|im_start|>", "<|im_end|>"]
+    assert tokenizer.eos_token == "<|im_end|>"
+    model = load_model(cfg, tokenizer, new_ids)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    before = model.get_input_embeddings().weight[new_ids].detach().clone()
+    head_before = model.get_output_embeddings().weight[new_ids].detach().clone()
+    old_row = model.get_input_embeddings().weight[5].detach().clone()
+    train(cfg)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out / "final")
+    assert "<|im_start|>" in saved.chat_template
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    base.resize_token_embeddings(len(saved))
+    loaded = PeftModel.from_pretrained(base, out / "final")
+    after = loaded.get_input_embeddings()(torch.tensor(new_ids)).detach()
+    assert not torch.allclose(after, before)  # the new rows were trained and came back from the adapter
+    hidden = torch.randn(1, base.config.hidden_size)
+    assert not torch.allclose(loaded.get_output_embeddings()(hidden)[0, new_ids], hidden @ head_before.T)  # untied head too
+    assert torch.equal(loaded.get_input_embeddings()(torch.tensor([5])).detach()[0], old_row)
+
+
+@pytest.mark.parametrize(("kind", "lr_at_warmup_end", "lr_at_end"), [("linear", 1.0, 0.0), ("cosine", 1.0, 0.0), ("constant", 1.0, 1.0), ("inverse_sqrt", 1.0, math.sqrt(2 / 10))])
+def test_schedules(kind, lr_at_warmup_end, lr_at_end):
+    cfg = load_config(None, [f"lr_scheduler_type={kind}", "warmup_steps=2", "learning_rate=1.0"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(cfg, opt, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(lr_at_warmup_end)
+    assert sched.get_last_lr()[0] == pytest.approx(lr_at_end, abs=1e-6)
+
+
+def test_reference_recipe_runs_two_steps_on_tiny_stand_ins(wide_model_dir, tmp_path):
+    """recipes/llama3-8b-orpo-qlora.yaml with the model and dataset swapped for local tiny ones."""
+    rows = []
+    for i in range(12):
+        q = f"Add {i} and 3."
+        rows.append({
+            "source": "tiny", "prompt": q, "question": q,
+            "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {i + 3}."}],
+            "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {i + 4}."}],
+        })
+    data = write_jsonl(tmp_path / "mix.jsonl", rows)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "llama3-8b-orpo-qlora.yaml"
+    cfg = load_config(recipe, [
+        f"model.name_or_path={wide_model_dir}", f"data.path={data}", f"output_dir={tmp_path / 'ref'}",
+        "max_steps=2", "bf16=false", "model.dtype=float32", "model.bnb_4bit_compute_dtype=float32",
+        "model.attn_implementation=eager", "data.test_size=2", "max_length=96", "max_prompt_length=48",
+    ])
+    assert cfg.model.load_in_4bit and cfg.optim == "paged_adamw_8bit" and cfg.learning_rate == 8e-6
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.warmup_steps) == (2, 4, 10)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and math.isfinite(summary["after"]["loss"])
