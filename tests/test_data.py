@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import CHATML, PAIRS, make_tokenizer, write_jsonl
 
+from conftest import CHATML, PAIRS, make_tokenizer, write_jsonl
 from orpo.config import load_config
 from orpo.data import (
     DataError,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
-from conftest import tiny_overrides as overrides
 from safetensors.torch import load_file
 
+from conftest import tiny_overrides as overrides
+from conftest import write_jsonl
 from orpo.checkpoint import list_checkpoints, resolve_checkpoint
 from orpo.cli import main
 from orpo.config import load_config

@@ -42,8 +42,8 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
     Two branches (Maechler 2012): log1p(-e^x) for x < -ln2, log(-expm1(x)) above. Each branch is fed
     an input that is safe for it (clamped), because torch.where backpropagates through the discarded
-    branch too and 0 * inf there would make the gradient NaN. Values of x >= 0 (a response whose every
-    token has probability 1, impossible with finite logits) are clamped to -1e-30-ish territory.
+    branch too and 0 * inf there would make the gradient NaN. x in (-1e-30, 0] (every token certain, which
+    fp32 rounding can produce) is read as -1e-30: value log(1e-30) ~ -69, gradient 0, both finite.
     """
     x = x.float()
     small = torch.clamp(x, max=-_LN2)  # safe for log1p(-exp)
@@ -66,7 +66,7 @@ def loss_masks(batch: dict[str, torch.Tensor], nll_on_prompt: bool) -> tuple[tor
     """Masks over next-token positions (2B, T-1): response tokens, and the chosen side's NLL tokens."""
     response = batch["labels"][:, 1:] != IGNORE  # (2B, T-1)
     if nll_on_prompt:
-        nll = batch["attention_mask"][:, 1:].bool()  # (2B, T-1) every real token after the first
+        nll = batch["attention_mask"][:, 1:] != 0  # (2B, T-1) every real token after the first (a new tensor)
     else:
         nll = response.clone()  # (2B, T-1)
     half = response.shape[0] // 2

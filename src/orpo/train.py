@@ -167,13 +167,15 @@ def train(config: Config) -> dict:
             )
             metrics_log.write(state.step, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
-            window, window_tokens, window_start = None, 0, time.perf_counter()
+            window, window_tokens = None, 0
         if eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
             metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}")
             metrics_log.write(state.step, {f"eval_{k}": v for k, v in metrics.items() if k != "samples"})
         if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps and main:
             save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, config)
             prune_checkpoints(out, config.save_total_limit)
+        if window is None:  # a log step just closed the window: time from here, not counting eval or saving
+            window_start = time.perf_counter()
     bar.close()
 
     if eval_ds is not None:

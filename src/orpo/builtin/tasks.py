@@ -29,7 +29,7 @@ _WORDS: tuple[str, ...] = (
     "ocean", "pepper", "puzzle", "ribbon", "shadow", "spider", "teapot", "tomato", "valley", "wizard",
     "bread", "chair", "horse", "music", "paper", "sugar", "table", "water", "house", "light",
 )
-# (from, to, factor, plural of `to`): decimal factors, so the right answer is a digit pattern.
+# (from, to, factor): decimal factors, so the right answer is a digit pattern.
 _UNITS: tuple[tuple[str, str, int], ...] = (
     ("kilometres", "metres", 1000),
     ("metres", "centimetres", 100),
@@ -45,22 +45,23 @@ def generate(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list
     """Return ``(train, eval)`` rows, balanced across ``FAMILIES`` and disjoint by content.
 
     rows: {"id": str, "family": str, "prompt": str, "chosen": str, "rejected": str, "answer": str}
-    Per-family counts differ by at most one. Raises ValueError on negative counts, or when a
-    family has too few distinct items for the request.
+    Per-family counts differ by at most one; each family holds at least 500 distinct items.
+    Raises ValueError on negative counts, or when a family has too few items for the request.
     """
-    if num_train < 0 or num_eval < 0:
-        raise ValueError(f"num_train and num_eval must be >= 0, got {num_train}, {num_eval}")
+    if num_train < 0:
+        raise ValueError(f"num_train must be >= 0, got {num_train}")
+    if num_eval < 0:
+        raise ValueError(f"num_eval must be >= 0, got {num_eval}")
     train_counts = _spread(num_train, len(FAMILIES))
     eval_counts = _spread(num_eval, len(FAMILIES))
     train: list[dict] = []
     evals: list[dict] = []
-    for family, n_train, n_eval in zip(FAMILIES, train_counts, eval_counts):
+    for family, n_train, n_eval in zip(FAMILIES, train_counts, eval_counts, strict=True):
         rows = _draw_unique(family, n_eval + n_train, random.Random(f"{seed}:{family}"))
         evals += [dict(row, id=f"{family}-eval-{i:05d}") for i, row in enumerate(rows[:n_eval])]
         train += [dict(row, id=f"{family}-train-{i:05d}") for i, row in enumerate(rows[n_eval:])]
-    order = random.Random(f"{seed}:order")
-    order.shuffle(train)
-    order.shuffle(evals)
+    random.Random(f"{seed}:train-order").shuffle(train)
+    random.Random(f"{seed}:eval-order").shuffle(evals)
     return train, evals
 
 
@@ -85,15 +86,18 @@ def _draw_unique(family: str, count: int, rng: random.Random) -> list[dict]:
     """Draw ``count`` rows of ``family`` with distinct content keys, in draw order."""
     seen: set[tuple] = set()
     rows: list[dict] = []
-    tries = 0
+    misses = 0
     while len(rows) < count:
-        tries += 1
-        if tries > 50 * count + 1000:
-            raise ValueError(f"family {family!r} has fewer than {count} distinct items")
         key, row = _make(family, rng)
-        if key not in seen:
-            seen.add(key)
-            rows.append(row)
+        if key in seen:
+            # A long run of repeats means the family is (nearly) exhausted.
+            misses += 1
+            if misses > 2000:
+                raise ValueError(f"family {family!r} has fewer than {count} distinct items")
+            continue
+        misses = 0
+        seen.add(key)
+        rows.append(row)
     return rows
 
 
@@ -196,7 +200,7 @@ def _sequence(rng: random.Random) -> tuple[tuple, dict]:
 
 def _rounding(rng: random.Random) -> tuple[tuple, dict]:
     """Round to the nearest ten; rejected rounds the wrong way, to the hundred, or is wordy."""
-    n = rng.choice([k for k in range(101, 1000) if k % 10 not in (0, 5)])
+    n = 10 * rng.randint(10, 99) + rng.choice((1, 2, 3, 4, 6, 7, 8, 9))  # no ties to break
     value = (n + 5) // 10 * 10
     prompt = f"Round {n} to the nearest ten. {_NUMBER}"
     kind = rng.choice(("wrong_way", "hundred", "wordy"))
