@@ -74,8 +74,14 @@ def test_check_accepts_chosen_and_rejects_rejected(split):
 
 def test_check_is_strict_to_the_format():
     """Whitespace and one trailing period are forgiven; anything else around the answer is not."""
-    row = {"id": "x", "family": "arithmetic", "prompt": "What is 40 + 45? Reply with only the number.",
-           "chosen": "85", "rejected": "84", "answer": "85"}
+    row = {
+        "id": "x",
+        "family": "arithmetic",
+        "prompt": "What is 40 + 45? Reply with only the number.",
+        "chosen": "85",
+        "rejected": "84",
+        "answer": "85",
+    }
     for good in ("85", " 85\n", "85.", "85 .\n"):
         assert tasks.check(row, good), good
     for bad in ("The answer is 85.", "85\n\nBecause 40 + 45 = 85.", "850", "8", "", "85..", "$85"):

@@ -217,3 +217,18 @@ def test_sampler_resumes_mid_epoch_and_shards():
     assert len(shards[0]) == len(shards[1]) == 2
     assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
     assert torch.equal(torch.tensor(full[0][:2]), torch.tensor(shards[0][0]))
+
+
+def test_dataset_folders_and_hub_names(tmp_path, monkeypatch):
+    import datasets
+
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "saved"))
+    assert len(read_rows(str(tmp_path / "saved"))) == len(PAIRS)
+    (tmp_path / "folder").mkdir()
+    write_jsonl(tmp_path / "folder" / "part-0.jsonl", PAIRS)
+    assert len(read_rows(str(tmp_path / "folder"))) == len(PAIRS)
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or "hub rows")
+    assert read_rows("mlabonne/orpo-dpo-mix-40k", None, "train") == "hub rows"
+    assert calls == [(("mlabonne/orpo-dpo-mix-40k", None), {"split": "train"})]

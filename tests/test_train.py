@@ -182,3 +182,12 @@ def test_reference_recipe_runs_two_steps_on_tiny_stand_ins(wide_model_dir, tmp_p
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.warmup_steps) == (2, 4, 10)
     summary = train(cfg)
     assert summary["steps"] == 2 and math.isfinite(summary["after"]["loss"])
+
+
+def test_tensorboard_tracker_gets_the_metrics(chat_model_dir, pairs_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    train(load_config(None, overrides(chat_model_dir, pairs_file, out, max_steps=2, report_to="tensorboard")))
+    events = list(out.rglob("events.out.tfevents*"))
+    assert events and sum(e.stat().st_size for e in events) > 200
+    assert (out / "metrics.jsonl").is_file()

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from .config import ConfigError, describe_keys, load_config
 
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns at import on CPU-only machines about an optional kernels package; not actionable.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers' own deprecation notices (triggered inside peft/transformers, not by user code).
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         return args.func(args)
     except ConfigError as exc:

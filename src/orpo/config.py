@@ -60,8 +60,8 @@ class DataConfig(_Section):
     num_samples: int | None = Field(None, ge=1, description="Rows to sample after shuffling (null = all).")
     shuffle_seed: int = Field(42, description="Seed of the shuffle before sampling and splitting.")
     truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end", description="Which end of an over-long prompt to keep.")
-    builtin_train_size: int = Field(600, ge=1, description="Pairs generated for training when path is 'builtin'.")
-    builtin_eval_size: int = Field(160, ge=1, description="Held-out pairs generated when path is 'builtin'.")
+    builtin_train_size: int = Field(480, ge=1, description="Pairs generated for training when path is 'builtin'.")
+    builtin_eval_size: int = Field(120, ge=1, description="Held-out pairs generated when path is 'builtin'.")
     num_proc: int | None = Field(None, ge=1, description="Tokenization worker processes (null = one).")
 
 
@@ -77,7 +77,7 @@ class Config(_Section):
     nll_on_prompt: bool = Field(True, description="NLL over prompt+response of the chosen side (paper code, TRL); false = response tokens only.")
     max_length: int = Field(1024, ge=2, description="Longest prompt+response in tokens; longer responses are cut.")
     max_prompt_length: int = Field(512, ge=1, description="Longest prompt in tokens; longer prompts lose their start (truncation_mode).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per micro-batch per process.")
     per_device_eval_batch_size: int = Field(16, ge=1, description="Pairs per eval batch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -93,7 +93,7 @@ class Config(_Section):
     adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     logging_steps: int = Field(5, ge=1, description="Log metrics every N optimizer steps.")
-    eval_steps: float | None = Field(0.25, gt=0, description="Evaluate every N steps (int), or every fraction of the total (< 1); null = only at the end.")
+    eval_steps: float | None = Field(0.5, gt=0, description="Evaluate every N steps (int), or every fraction of the total (< 1); null = only at the end.")
     eval_on_start: bool = Field(True, description="Evaluate before the first step (the 'before' numbers).")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = no intermediate checkpoints).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
@@ -103,7 +103,7 @@ class Config(_Section):
     bf16: bool = Field(False, description="bfloat16 autocast (mixed precision).")
     fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA only).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Trackers besides metrics.jsonl.")
-    max_new_tokens: int = Field(24, ge=1, description="Token budget of generations during task evaluation.")
+    max_new_tokens: int = Field(16, ge=1, description="Token budget of generations during task evaluation.")
     dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
 
     @field_validator("report_to", mode="before")

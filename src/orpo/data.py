@@ -254,9 +254,11 @@ def load_pairs(config: Config, tokenizer):
     if data.path == BUILTIN:
         import datasets
 
-        from .builtin.tasks import generate
+        from .builtin.tasks import generate, prompt_messages
 
         train_rows, eval_rows = generate(data.builtin_train_size, data.builtin_eval_size, seed=data.shuffle_seed)
+        train_rows = [dict(r, prompt=prompt_messages(r)) for r in train_rows]
+        eval_rows = [dict(r, prompt=prompt_messages(r)) for r in eval_rows]
         train_raw = datasets.Dataset.from_list(train_rows).shuffle(seed=data.shuffle_seed)
         if data.num_samples is not None:
             train_raw = train_raw.select(range(min(data.num_samples, len(train_raw))))

@@ -93,8 +93,9 @@ def generate_replies(
 
 
 def task_accuracy(model, tokenizer, rows: list[dict], check, *, max_new_tokens: int, batch_size: int, device, show_progress=True):
-    """Share of rows whose greedy reply passes `check(row, reply)`; also returns (row, reply, ok) samples."""
-    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    """Share of rows whose greedy reply to `row["prompt"]` (a message list) passes `check(row, reply)`;
+    also returns (row, reply, ok) for every row."""
+    prompts = [r["prompt"] for r in rows]
     replies = generate_replies(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, show_progress=show_progress
     )

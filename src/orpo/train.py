@@ -24,7 +24,7 @@ from .evaluate import forward_logps, preference_metrics, task_accuracy
 from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss
 from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
-from .tracking import MetricsLog
+from .tracking import MetricsLog, flat_params
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def global_norm(batches: list[dict[str, torch.Tensor]], nll_on_prompt: bool, acc
     return Norm(nll_tokens=float(counts[0]), pairs=float(counts[1]))
 
 
-def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerator, label: str) -> dict[str, float]:
-    """Preference metrics on the held-out pairs, plus task accuracy for the builtin set."""
+def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerator, label: str, generate: bool = True) -> dict[str, float]:
+    """Preference metrics on the held-out pairs, plus task accuracy for the builtin set (when `generate`)."""
     metrics = preference_metrics(
         model,
         eval_ds,
@@ -65,7 +65,7 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
         autocast=accelerator.autocast,
         show_progress=accelerator.is_local_main_process,
     )
-    if config.data.path == BUILTIN:
+    if generate and config.data.path == BUILTIN:
         from .builtin.tasks import check
 
         acc, samples = task_accuracy(
@@ -79,7 +79,7 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
             show_progress=accelerator.is_local_main_process,
         )
         metrics["task_accuracy"] = acc
-        metrics["samples"] = [{"prompt": r["prompt"], "reply": reply, "correct": ok} for r, reply, ok in samples[:8]]
+        metrics["samples"] = [{"prompt": r["prompt"][-1]["content"], "reply": reply, "correct": ok} for r, reply, ok in samples[:8]]
     log.info("%s eval: %s", label, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     return metrics
 
@@ -120,7 +120,7 @@ def train(config: Config) -> dict:
 
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator if config.report_to else None, enabled=main)
     if config.report_to:
-        accelerator.init_trackers("orpo", config=json.loads(config.model_dump_json()))
+        accelerator.init_trackers("orpo", config=flat_params(json.loads(config.model_dump_json())))
     summary: dict = {"data": report.as_dict(), "total_steps": total_steps}
     eval_every = config.eval_interval(total_steps)
     if eval_ds is not None and config.eval_on_start and state.step == 0:
@@ -169,7 +169,7 @@ def train(config: Config) -> dict:
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
             window, window_tokens = None, 0
         if eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
-            metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}")
+            metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}", generate=False)
             metrics_log.write(state.step, {f"eval_{k}": v for k, v in metrics.items() if k != "samples"})
         if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps and main:
             save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, config)

@@ -20,14 +20,15 @@ import random
 FAMILIES: tuple[str, ...] = ("arithmetic", "units", "compare", "format", "sequence", "rounding")
 
 # Short, common nouns for the format family.
-_WORDS: tuple[str, ...] = (
-    "apple", "river", "stone", "cloud", "garden", "window", "candle", "forest", "bridge", "mirror",
-    "pencil", "rocket", "island", "basket", "castle", "ladder", "orange", "planet", "silver", "tiger",
-    "jacket", "marble", "button", "dragon", "engine", "falcon", "guitar", "hammer", "kettle", "lemon",
-    "meadow", "needle", "parrot", "pillow", "rabbit", "saddle", "tunnel", "violin", "wallet", "yellow",
-    "anchor", "bottle", "carpet", "desert", "feather", "glove", "harbor", "jungle", "lantern", "monkey",
-    "ocean", "pepper", "puzzle", "ribbon", "shadow", "spider", "teapot", "tomato", "valley", "wizard",
-    "bread", "chair", "horse", "music", "paper", "sugar", "table", "water", "house", "light",
+_WORDS: tuple[str, ...] = tuple(
+    (
+        "apple river stone cloud garden window candle forest bridge mirror pencil rocket island "
+        "basket castle ladder orange planet silver tiger jacket marble button dragon engine falcon "
+        "guitar hammer kettle lemon meadow needle parrot pillow rabbit saddle tunnel violin wallet "
+        "yellow anchor bottle carpet desert feather glove harbor jungle lantern monkey ocean pepper "
+        "puzzle ribbon shadow spider teapot tomato valley wizard bread chair horse music paper sugar "
+        "table water house light"
+    ).split()
 )
 # (from, to, factor): decimal factors, so the right answer is a digit pattern.
 _UNITS: tuple[tuple[str, str, int], ...] = (
@@ -63,6 +64,16 @@ def generate(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list
     random.Random(f"{seed}:train-order").shuffle(train)
     random.Random(f"{seed}:eval-order").shuffle(evals)
     return train, evals
+
+
+# A short, neutral system turn: without one, SmolLM2's template inserts its default system prompt, which
+# costs ~20 tokens per sequence (a third of a demo pair's compute) and says nothing about the tasks.
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def prompt_messages(row: dict) -> list[dict[str, str]]:
+    """The chat prompt of a row: the system turn and the task as the user turn."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["prompt"]}]
 
 
 def check(row: dict, completion: str) -> bool:
@@ -121,8 +132,7 @@ def _make(family: str, rng: random.Random) -> tuple[tuple, dict]:
 def _row(family: str, prompt: str, answer: str, rejected: str) -> dict:
     """A row whose chosen reply is the answer itself."""
     assert rejected != answer, (prompt, answer)
-    return {"family": family, "prompt": prompt, "chosen": answer, "rejected": rejected,
-            "answer": answer}
+    return {"family": family, "prompt": prompt, "chosen": answer, "rejected": rejected, "answer": answer}
 
 
 def _wordy(answer: str) -> str:
