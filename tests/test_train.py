@@ -191,3 +191,15 @@ def test_tensorboard_tracker_gets_the_metrics(chat_model_dir, pairs_file, tmp_pa
     events = list(out.rglob("events.out.tfevents*"))
     assert events and sum(e.stat().st_size for e in events) > 200
     assert (out / "metrics.jsonl").is_file()
+
+
+def test_separate_eval_file_and_own_template_requirement(chat_model_dir, base_model_dir, pairs_file, tmp_path):
+    from conftest import PAIRS
+
+    from orpo.model import load_tokenizer
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", PAIRS[:3])
+    summary = train(load_config(None, overrides(chat_model_dir, pairs_file, tmp_path / "ev", max_steps=1, **{"data.eval_path": eval_file})))
+    assert (summary["data"]["train_pairs"], summary["data"]["eval_pairs"]) == (24, 3)
+    with pytest.raises(ValueError, match="has no chat template"):
+        load_tokenizer(load_config(None, overrides(base_model_dir, pairs_file, tmp_path / "x", **{"model.chat_template": "own"})))
