@@ -114,3 +114,14 @@ def test_orpo_config_lists_every_key(capsys):
     ):
         assert trl_name in Config.model_fields
     assert all(text for _, _, text in describe_keys())
+
+
+def test_shipped_configs_and_recipes_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(root.glob("configs/*.yaml")) + sorted(root.glob("recipes/*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        load_config(path)
+    assert load_config(root / "configs" / "demo.yaml").model_dump(exclude={"output_dir"}) == load_config().model_dump(exclude={"output_dir"})
