@@ -144,6 +144,12 @@ def test_chatml_setup_on_a_base_model(base_model_dir, pairs_file, tmp_path):
     hidden = torch.randn(1, base.config.hidden_size)
     assert not torch.allclose(loaded.get_output_embeddings()(hidden)[0, new_ids], hidden @ head_before.T)  # untied head too
     assert torch.equal(loaded.get_input_embeddings()(torch.tensor([5])).detach()[0], old_row)
+    from peft import AutoPeftModelForCausalLM
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(out / "final")  # resizes the base from the saved tokenizer
+    assert torch.equal(auto.get_input_embeddings()(torch.tensor(new_ids)).detach(), after)
+    adapter_bytes = (out / "final" / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < base.get_input_embeddings().weight.numel() * 4  # not the whole embedding matrix
 
 
 @pytest.mark.parametrize(("kind", "lr_at_warmup_end", "lr_at_end"), [("linear", 1.0, 0.0), ("cosine", 1.0, 0.0), ("constant", 1.0, 1.0), ("inverse_sqrt", 1.0, math.sqrt(2 / 10))])

@@ -141,6 +141,11 @@ def count_parameters(model) -> tuple[int, int]:
 def save_final(model, tokenizer, out_dir: Path) -> Path:
     """Adapter (or full model) with tokenizer and chat template; loads with transformers/peft as it is."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if hasattr(model, "peft_config"):
+        # New ChatML rows travel as trainable-token weights; peft would otherwise also save the whole resized
+        # embedding matrices (2 GB for Llama 3 8B). Loaders resize the base to len(tokenizer) first.
+        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
