@@ -24,6 +24,7 @@ from .evaluate import forward_logps, preference_metrics, task_accuracy
 from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss
 from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
+from .report import write_report
 from .tracking import MetricsLog, flat_params
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ def train(config: Config) -> dict:
         summary["final_model"] = str(save_final(accelerator.unwrap_model(model), tokenizer, out / "final"))
         summary["steps"] = state.step
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(out)  # report.html + plots/*.png from metrics.jsonl and summary.json
     metrics_log.close()
     if config.report_to:
         accelerator.end_training()
