@@ -50,6 +50,43 @@ class LoraConfig(_Section):
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...).")
 
 
+DataFormat = Literal["auto", "prompt_response", "messages", "ultrafeedback", "hh_rlhf", "openai", "sharegpt"]
+# Our column names that data.columns may map (see formats.py).
+COLUMN_NAMES = ("prompt", "chosen", "rejected", "id", "conversations", "input", "preferred_output", "non_preferred_output",
+                "score_chosen", "score_rejected")
+
+
+def _check_columns(value: dict[str, str]) -> dict[str, str]:
+    unknown = sorted(set(value) - set(COLUMN_NAMES))
+    if unknown:
+        raise ValueError(f"unknown column name(s) {', '.join(unknown)}; map from one of: {', '.join(COLUMN_NAMES)}")
+    return value
+
+
+class MixtureEntry(_Section):
+    """One dataset of data.mixture, with its own format, sample size and filters."""
+
+    path: str = Field(..., description="Local file/folder or Hub dataset name.")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read from path.")
+    format: DataFormat = Field("auto", description="Row layout (see data.format).")
+    columns: dict[str, str] = Field(default_factory=dict, description="{our column: source column} renames, e.g. {prompt: question}.")
+    system_column: str | None = Field(None, description="Column holding each row's system prompt (null = data.system_column).")
+    num_samples: int | None = Field(None, ge=1, description="Rows to sample from this dataset after the score filters (null = all, or weight).")
+    weight: float | None = Field(None, gt=0, description="Rows to take as a multiple of this dataset's size (0.5 = half, 2 = every row twice).")
+    min_score: float | None = Field(None, description="Keep pairs whose chosen score is at least this (rows without scores are dropped).")
+    max_length: int | None = Field(None, ge=2, description="Drop pairs longer than this many tokens (prompt + longer response) instead of cutting them.")
+    drop_ties: bool = Field(False, description="Drop pairs whose chosen and rejected scores are equal.")
+
+    _columns = field_validator("columns")(classmethod(lambda cls, v: _check_columns(v)))
+
+    @model_validator(mode="after")
+    def _one_size(self) -> MixtureEntry:
+        if self.num_samples is not None and self.weight is not None:
+            raise ValueError(f"mixture entry {self.path}: set num_samples or weight, not both")
+        return self
+
+
 class DataConfig(_Section):
     path: str = Field(BUILTIN, description="Local .jsonl/.json/.parquet/.csv file or folder, a Hub dataset name, or 'builtin' (the generated demo set).")
     name: str | None = Field(None, description="Hub dataset configuration name.")
@@ -63,6 +100,32 @@ class DataConfig(_Section):
     builtin_train_size: int = Field(480, ge=1, description="Pairs generated for training when path is 'builtin'.")
     builtin_eval_size: int = Field(120, ge=1, description="Held-out pairs generated when path is 'builtin'.")
     num_proc: int | None = Field(None, ge=1, description="Tokenization worker processes (null = one).")
+    format: DataFormat = Field("auto", description="Row layout: auto (detected per dataset), prompt_response, messages, ultrafeedback, hh_rlhf, openai, sharegpt.")
+    columns: dict[str, str] = Field(default_factory=dict, description="{our column: source column} renames, e.g. {prompt: question, chosen: good, rejected: bad}.")
+    system_column: str | None = Field(None, description="Column holding each row's system prompt.")
+    system_prompt: str | None = Field(None, description="System prompt for rows whose prompt has none.")
+    min_score: float | None = Field(None, description="Keep pairs whose chosen score is at least this (score_chosen/chosen_rating columns).")
+    drop_ties: bool = Field(False, description="Drop pairs whose chosen and rejected scores are equal.")
+    mixture: list[MixtureEntry] = Field(default_factory=list, description="Several datasets, each {path, format, columns, num_samples or weight, min_score, max_length, drop_ties, split, name}; replaces path.")
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="Malformed rows: stop with an error naming file, line and field, or skip them and count them in the report.")
+    allow_errors: bool = Field(False, description="Train even when the data doctor finds errors (they are logged).")
+    cache: bool = Field(True, description="Cache tokenized data, keyed on data, tokenizer and settings.")
+    cache_dir: str | None = Field(None, description="Tokenized-data cache folder (null = $ORPO_CACHE/tokenized, default ~/.cache/orpo/tokenized).")
+
+    _columns = field_validator("columns")(classmethod(lambda cls, v: _check_columns(v)))
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataConfig:
+        if self.mixture and self.path != BUILTIN:
+            raise ValueError("set data.path or data.mixture, not both")
+        if self.mixture and self.num_samples is not None:
+            raise ValueError("data.num_samples does not apply to data.mixture: set num_samples or weight per entry")
+        return self
+
+    @property
+    def builtin(self) -> bool:
+        """True for the generated demo set (no path, no mixture)."""
+        return self.path == BUILTIN and not self.mixture
 
 
 class Config(_Section):
@@ -134,7 +197,7 @@ class Config(_Section):
             raise ValueError("model.gguf_file cannot be combined with model.load_in_4bit")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (use num_train_epochs) or positive, got {self.max_steps}")
-        if self.data.eval_path is None and self.data.path != BUILTIN and self.data.test_size == 0 and (self.eval_on_start or self.eval_steps is not None):
+        if self.data.eval_path is None and not self.data.builtin and self.data.test_size == 0 and (self.eval_on_start or self.eval_steps is not None):
             raise ValueError("no evaluation data: set data.test_size > 0 or data.eval_path, or eval_steps=null and eval_on_start=false")
         return self
 

@@ -1,8 +1,9 @@
 """Preference rows -> token ids -> `[chosen; rejected]` batches.
 
-Pipeline: `read_rows` (files, Hub, builtin) -> `to_messages` (one canonical shape: prompt, chosen and
-rejected as message lists) -> `tokenize_pair` (chat template applied once, prompt/response boundary found on
-token ids, truncation) -> `collate` ((2B, T) input_ids, attention_mask, labels; chosen rows first, labels
+Pipeline: `sources.build_rows` (files, Hub, mixtures; `formats.canonical` turns every layout into one shape:
+prompt, chosen and rejected as message lists) -> `tokenize_rows` (batched `datasets.map`, cached on disk;
+chat template applied once, prompt/response boundary found on token ids, truncation) -> `finish` (drops
+counted) -> `collate` ((2B, T) input_ids, attention_mask, labels; chosen rows first, labels
 -100 on prompt and pad tokens).
 
 Rules that keep the scored tokens right (each is a trap seen in other trainers, see ORPO-NOTES):
@@ -21,105 +22,29 @@ Rules that keep the scored tokens right (each is a trap seen in other trainers, 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
+import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import BUILTIN, Config, DataConfig
+from .config import Config
+from .formats import DataError, to_messages
 from .loss import IGNORE
+from .sources import DataReport, build_rows, read_rows, sample_and_split
 
-_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+__all__ = ["DataError", "DataReport", "read_rows", "sample_and_split", "to_messages"]  # re-exported for callers
+
+log = logging.getLogger(__name__)
 _SENTINEL = "ORPO_SENTINEL_RESPONSE"
-
-
-class DataError(ValueError):
-    """A data problem, worded for the user (file, row, field)."""
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_rows(path: str, name: str | None = None, split: str = "train"):
-    """A `datasets.Dataset` from a local file/folder or a Hub dataset name."""
-    import datasets
-
-    local = Path(path).expanduser()
-    if local.is_file():
-        kind = _FILE_KINDS.get("".join(local.suffixes[-1:]).lower())
-        if kind is None:
-            raise DataError(f"{local}: unsupported file type; use one of {', '.join(sorted(_FILE_KINDS))}")
-        if local.stat().st_size == 0:
-            raise DataError(f"{local}: the file is empty")
-        try:
-            return datasets.load_dataset(kind, data_files=str(local), split="train")
-        except Exception as exc:  # datasets wraps parser errors in several types
-            raise DataError(f"{local}: could not be read as {kind}: {exc}") from None
-    if local.is_dir():
-        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
-            loaded = datasets.load_from_disk(str(local))
-            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(str(local), name, split=split)
-    if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_KINDS)):
-        raise DataError(f"data file not found: {path}")
-    from .hub import load_hub_dataset
-
-    return load_hub_dataset(path, name, split)
-
-
-def sample_and_split(dataset, cfg: DataConfig):
-    """Shuffle with cfg.shuffle_seed, keep cfg.num_samples rows, hold out cfg.test_size."""
-    dataset = dataset.shuffle(seed=cfg.shuffle_seed)
-    if cfg.num_samples is not None:
-        dataset = dataset.select(range(min(cfg.num_samples, len(dataset))))
-    if cfg.eval_path is not None or cfg.test_size == 0:
-        return dataset, None
-    test_size = cfg.test_size if cfg.test_size < 1 else int(cfg.test_size)
-    if isinstance(test_size, int) and test_size >= len(dataset) or round(test_size * len(dataset) if test_size < 1 else test_size) < 1:
-        raise DataError(f"data.test_size={cfg.test_size} leaves no train or no test rows out of {len(dataset)}")
-    parts = dataset.train_test_split(test_size=test_size, seed=cfg.shuffle_seed, shuffle=False)
-    return parts["train"], parts["test"]
-
-
-# ---------------------------------------------------------------- canonical messages
-
-
-def _as_messages(value: Any, role: str, where: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        out = []
-        for i, m in enumerate(value):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}[{i}]: a message needs string 'role' and 'content', got {m!r}"[:300])
-            out.append({"role": m["role"], "content": m["content"]})
-        return out
-    raise DataError(f"{where}: expected a string or a list of messages, got {type(value).__name__}")
-
-
-def to_messages(row: dict[str, Any], where: str = "row") -> dict[str, list[dict[str, str]]]:
-    """Canonical pair: prompt, chosen and rejected as message lists.
-
-    chosen/rejected may be strings (prompt column required) or message lists. When the lists share leading
-    messages, those are the prompt (implicit prompt, as in orpo-dpo-mix-40k); an explicit prompt column is
-    then ignored, since using both would put the question in twice.
-    """
-    for key in ("chosen", "rejected"):
-        if key not in row or row[key] is None:
-            raise DataError(f"{where}: missing field '{key}' (columns: {', '.join(sorted(row))})")
-    chosen = _as_messages(row["chosen"], "assistant", f"{where}.chosen")
-    rejected = _as_messages(row["rejected"], "assistant", f"{where}.rejected")
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-        shared += 1
-    if shared:
-        return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
-    if row.get("prompt") is None:
-        raise DataError(f"{where}: no prompt: the row has no 'prompt' field and chosen/rejected share no leading messages")
-    return {"prompt": _as_messages(row["prompt"], "user", f"{where}.prompt"), "chosen": chosen, "rejected": rejected}
+_CACHE_VERSION = "1"  # bump when tokenize_batch changes what it writes
+_STATS = ("prompt_len", "chosen_len", "rejected_len", "prompt_cut", "response_cut", "boundary_merged")
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -180,28 +105,21 @@ def _end_at_turn(response: list[int], eot: int | None) -> list[int]:
     return response + [eot]
 
 
-def tokenize_pair(pair: dict[str, list[dict[str, str]]], tokenizer, spec: TokenSpec) -> dict[str, Any]:
-    """Token ids of one canonical pair: prompt_ids, chosen_ids, rejected_ids, and `drop` ('' when kept)."""
-    if not any(m["content"].strip() for m in pair["chosen"]) or not any(m["content"].strip() for m in pair["rejected"]):
-        return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "drop": "empty_response"}
+def _empty(pair) -> bool:
+    return not any(m["content"].strip() for m in pair["chosen"]) or not any(m["content"].strip() for m in pair["rejected"])
 
-    def encode(messages, generation_prompt):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if spec.bos_id is not None and ids[:1] != [spec.bos_id]:
-            ids = [spec.bos_id] + ids
-        return ids
 
-    prompt = encode(pair["prompt"], True)
-    chosen_full = encode(pair["prompt"] + pair["chosen"], False)
-    rejected_full = encode(pair["prompt"] + pair["rejected"], False)
+def _split_and_cut(prompt: list[int], chosen_full: list[int], rejected_full: list[int], spec: TokenSpec) -> dict[str, Any]:
     # The prompt is the token prefix all three share: a token merged across the boundary goes to the response.
     boundary = min(_common_prefix(prompt, chosen_full), _common_prefix(prompt, rejected_full))
+    merged = boundary < len(prompt)  # tokenizing prompt and response apart would differ from the joint ids
     prompt = prompt[:boundary]
     chosen = _end_at_turn(chosen_full[boundary:], spec.end_of_turn_id)
     rejected = _end_at_turn(rejected_full[boundary:], spec.end_of_turn_id)
+    stats = {"prompt_len": len(prompt), "chosen_len": len(chosen), "rejected_len": len(rejected), "boundary_merged": merged}
 
-    if len(prompt) > spec.max_prompt_length:
+    stats["prompt_cut"] = len(prompt) > spec.max_prompt_length
+    if stats["prompt_cut"]:
         keep = spec.max_prompt_length
         if spec.keep_end:
             head = prompt[:1] if spec.bos_id is not None and prompt[:1] == [spec.bos_id] else []
@@ -209,70 +127,168 @@ def tokenize_pair(pair: dict[str, list[dict[str, str]]], tokenizer, spec: TokenS
         else:
             prompt = prompt[:keep]
     budget = spec.max_length - len(prompt)
+    stats["response_cut"] = max(len(chosen), len(rejected)) > budget  # a cut response loses its end-of-turn
     chosen, rejected = chosen[:budget], rejected[:budget]
     drop = "" if chosen and rejected else "empty_response"
     if not drop and chosen == rejected:
         drop = "identical_responses"
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "drop": drop}
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "drop": drop, **stats}
+
+
+def tokenize_batch(pairs: list[dict[str, list[dict[str, str]]]], tokenizer, spec: TokenSpec) -> list[dict[str, Any]]:
+    """Token ids of canonical pairs: prompt_ids, chosen_ids, rejected_ids, `drop` ('' when kept), and length stats.
+
+    Each pair is rendered three times (prompt with generation header, prompt+chosen, prompt+rejected) and all
+    texts go through the fast tokenizer in one call.
+    """
+    live = [i for i, p in enumerate(pairs) if not _empty(p)]
+    texts = []
+    for i in live:
+        p = pairs[i]
+        texts.append(tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True))
+        texts.append(tokenizer.apply_chat_template(p["prompt"] + p["chosen"], tokenize=False))
+        texts.append(tokenizer.apply_chat_template(p["prompt"] + p["rejected"], tokenize=False))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    if spec.bos_id is not None:
+        ids = [x if x[:1] == [spec.bos_id] else [spec.bos_id] + x for x in ids]
+    out = [{"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "drop": "empty_response", "prompt_len": 0,
+            "chosen_len": 0, "rejected_len": 0, "prompt_cut": False, "response_cut": False, "boundary_merged": False}
+           for _ in pairs]
+    for k, i in enumerate(live):
+        out[i] = _split_and_cut(ids[3 * k], ids[3 * k + 1], ids[3 * k + 2], spec)
+    return out
+
+
+def tokenize_pair(pair: dict[str, list[dict[str, str]]], tokenizer, spec: TokenSpec) -> dict[str, Any]:
+    """One canonical pair -> token ids (see tokenize_batch)."""
+    return tokenize_batch([pair], tokenizer, spec)[0]
+
+
+def _fingerprint(dataset, tokenizer, spec: TokenSpec) -> str:
+    """Cache key: the rows' content, the tokenizer (vocabulary, template, specials) and the TokenSpec."""
+    digest = hashlib.sha256(_CACHE_VERSION.encode())
+    digest.update(json.dumps(asdict(spec)).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer).encode())
+    digest.update(json.dumps([tokenizer.chat_template, tokenizer.all_special_tokens], default=str).encode())
+    columns = [c for c in ("id", "prompt", "chosen", "rejected", "max_tokens") if c in dataset.column_names]
+    for batch in dataset.select_columns(columns).iter(batch_size=2000):
+        digest.update(json.dumps(batch, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()[:24]
+
+
+def tokenize_rows(dataset, tokenizer, spec: TokenSpec, num_proc: int | None, cache_dir: Path | None, label: str):
+    """Canonical rows -> token ids and stats (every row, `drop` says why one is unusable), cached on disk.
+
+    The cache folder is keyed on `_fingerprint`; a hit is memory-mapped back without tokenizing again.
+    """
+    import datasets
+
+    target = None
+    if cache_dir is not None:
+        target = cache_dir / _fingerprint(dataset, tokenizer, spec)
+        if (target / "state.json").exists():
+            log.info("%s: tokenized data from cache %s", label, target)
+            return datasets.load_from_disk(str(target))
+
+    def batch(rows):
+        pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(rows["prompt"], rows["chosen"], rows["rejected"], strict=True)]
+        done = tokenize_batch(pairs, tokenizer, spec)
+        out = {key: [d[key] for d in done] for key in done[0]} if done else {}
+        limits = rows["max_tokens"] if "max_tokens" in rows else [-1] * len(pairs)
+        for i, limit in enumerate(limits):  # a mixture entry's max_length drops long pairs instead of cutting them
+            if limit > 0 and not out["drop"][i] and out["prompt_len"][i] + max(out["chosen_len"][i], out["rejected_len"][i]) > limit:
+                out["drop"][i] = "too_long"
+        return out
+
+    keep = [c for c in ("id", "source") if c in dataset.column_names]
+    tokenized = dataset.map(batch, batched=True, batch_size=256, remove_columns=[c for c in dataset.column_names if c not in keep],
+                            # worker start-up costs more than it saves on small sets
+                            num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 512 else None, desc=f"tokenizing {label}")
+    if target is not None:
+        partial = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tokenized.save_to_disk(str(partial))
+        try:
+            partial.rename(target)
+        except OSError:  # another run wrote the same key first
+            shutil.rmtree(partial, ignore_errors=True)
+        tokenized = datasets.load_from_disk(str(target))
+    return tokenized
+
+
+def finish(tokenized, report: DataReport, label: str):
+    """Count and drop unusable pairs, remove the stats columns."""
+    drops = tokenized["drop"]
+    ids = tokenized["id"] if "id" in tokenized.column_names else [str(i) for i in range(len(drops))]
+    for reason, count in Counter(drops).items():
+        if reason:
+            examples = [ids[i] for i, d in enumerate(drops) if d == reason][:5]
+            report.dropped[f"{label}/{reason}"] = report.dropped.get(f"{label}/{reason}", 0) + count
+            report.examples.setdefault(f"{label}/{reason}", []).extend(examples)
+    kept = tokenized.filter(lambda d: not d, input_columns="drop", desc=f"dropping bad {label} pairs")
+    if len(kept) == 0:
+        raise DataError(f"no {label} pairs left after tokenization (dropped: {json.dumps(report.dropped)})")
+    return kept.remove_columns(["drop", *_STATS])
+
+
+def cache_dir(config: Config) -> Path | None:
+    if not config.data.cache:
+        return None
+    if config.data.cache_dir is not None:
+        return Path(config.data.cache_dir).expanduser()
+    from .builtin.model import cache_root
+
+    return cache_root() / "tokenized"
 
 
 @dataclass
-class DataReport:
-    """Counts of what the pipeline kept and dropped, for the log and summary.json."""
+class Prepared:
+    """Everything load_pairs builds, before drops are applied: what `orpo data inspect` looks at."""
 
-    train_rows: int = 0
-    eval_rows: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"train_pairs": self.train_rows, "eval_pairs": self.eval_rows, "dropped": dict(self.dropped)}
-
-
-def tokenize_dataset(dataset, tokenizer, spec: TokenSpec, report: DataReport, num_proc: int | None, label: str):
-    """Map raw rows to token ids (in parallel when num_proc > 1), drop bad pairs and count them."""
-
-    def one(row, index):
-        return tokenize_pair(to_messages(row, where=f"{label} row {index}"), tokenizer, spec)
-
-    keep = [c for c in ("id",) if c in dataset.column_names]
-    drop_cols = [c for c in dataset.column_names if c not in keep]
-    tokenized = dataset.map(
-        one, with_indices=True, remove_columns=drop_cols, num_proc=num_proc, desc=f"tokenizing {label}"
-    )
-    for reason, count in Counter(tokenized["drop"]).items():
-        if reason:
-            report.dropped[f"{label}/{reason}"] = report.dropped.get(f"{label}/{reason}", 0) + count
-    tokenized = tokenized.filter(lambda r: not r["drop"], desc=f"dropping bad {label} pairs")
-    if len(tokenized) == 0:
-        raise DataError(f"no {label} pairs left after tokenization (dropped: {json.dumps(report.dropped)})")
-    return tokenized.remove_columns("drop")
+    train_rows: Any  # canonical rows (datasets.Dataset)
+    eval_rows: Any
+    eval_raw: Any  # rows as read, for task evaluation of the builtin set
+    train_tokens: Any  # tokenized rows with `drop` and length stats
+    eval_tokens: Any
+    report: DataReport
+    spec: TokenSpec
 
 
-def load_pairs(config: Config, tokenizer):
-    """Raw rows -> (train, eval or None, raw eval rows, report). Raw eval rows feed task evaluation."""
-    data = config.data
-    if data.path == BUILTIN:
-        import datasets
+def prepare(config: Config, tokenizer) -> Prepared:
+    """Sources -> canonical rows -> tokenized rows with stats (nothing dropped yet besides bad/filtered rows)."""
+    import datasets
 
+    data, report = config.data, DataReport()
+    if data.builtin:
         from .builtin.tasks import generate, prompt_messages
 
-        train_rows, eval_rows = generate(data.builtin_train_size, data.builtin_eval_size, seed=data.shuffle_seed)
-        train_rows = [dict(r, prompt=prompt_messages(r)) for r in train_rows]
-        eval_rows = [dict(r, prompt=prompt_messages(r)) for r in eval_rows]
-        train_raw = datasets.Dataset.from_list(train_rows).shuffle(seed=data.shuffle_seed)
+        train_raw, eval_raw = generate(data.builtin_train_size, data.builtin_eval_size, seed=data.shuffle_seed)
+
+        def canon(rows, label):
+            return datasets.Dataset.from_list([dict(to_messages(dict(r, prompt=prompt_messages(r))), id=f"{label}:{i}") for i, r in enumerate(rows)])
+
+        train_rows = canon(train_raw, "builtin-train").shuffle(seed=data.shuffle_seed)
         if data.num_samples is not None:
-            train_raw = train_raw.select(range(min(data.num_samples, len(train_raw))))
-        eval_raw = datasets.Dataset.from_list(eval_rows)
+            train_rows = train_rows.select(range(min(data.num_samples, len(train_rows))))
+        eval_rows = canon(eval_raw, "builtin-eval")
+        eval_raw = datasets.Dataset.from_list([dict(r, prompt=prompt_messages(r)) for r in eval_raw])
+        report.read[data.path] = len(train_raw) + len(eval_raw)
     else:
-        train_raw, eval_raw = sample_and_split(read_rows(data.path, data.name, data.split), data)
-        if data.eval_path is not None:
-            eval_raw = read_rows(data.eval_path, None, data.eval_split)
+        train_rows, eval_rows = build_rows(data, report)
+        eval_raw = eval_rows
     spec = token_spec(tokenizer, config)
-    report = DataReport()
-    train = tokenize_dataset(train_raw, tokenizer, spec, report, data.num_proc, "train")
-    evaluation = None if eval_raw is None else tokenize_dataset(eval_raw, tokenizer, spec, report, data.num_proc, "eval")
-    report.train_rows, report.eval_rows = len(train), 0 if evaluation is None else len(evaluation)
-    return train, evaluation, eval_raw, report
+    where = cache_dir(config)
+    train_tokens = tokenize_rows(train_rows, tokenizer, spec, data.num_proc, where, "train")
+    eval_tokens = None if eval_rows is None else tokenize_rows(eval_rows, tokenizer, spec, data.num_proc, where, "eval")
+    return Prepared(train_rows, eval_rows, eval_raw, train_tokens, eval_tokens, report, spec)
+
+
+def load_pairs(config: Config, tokenizer, prepared: Prepared | None = None):
+    """Raw rows -> (train, eval or None, raw eval rows, report). Raw eval rows feed task evaluation."""
+    p = prepared or prepare(config, tokenizer)
+    train = finish(p.train_tokens, p.report, "train")
+    evaluation = None if p.eval_tokens is None else finish(p.eval_tokens, p.report, "eval")
+    p.report.train_rows, p.report.eval_rows = len(train), 0 if evaluation is None else len(evaluation)
+    return train, evaluation, p.eval_raw, p.report
 
 
 # ---------------------------------------------------------------- batching

@@ -1,0 +1,238 @@
+"""Files, Hub datasets and mixtures -> canonical pair rows, with every dropped row counted.
+
+`build_rows(data_cfg)` reads each source (`data.path`, or each `data.mixture` entry), turns every row into the
+canonical pair (formats.canonical), applies the entry's score filters and sample size, concatenates, shuffles
+with `data.shuffle_seed` and holds out `data.test_size`. Deterministic for a seed.
+
+A canonical row: `id` ("<source>:<row index>", or the source's own `id`), `source`, `prompt`, `chosen`,
+`rejected` (message lists), `score_chosen`, `score_rejected` (float or None), `max_tokens` (the entry's
+max_length filter, -1 for none).
+
+Bad rows (malformed JSON, wrong types, missing columns, unknown roles) raise a DataError naming file, line and
+field; with `data.on_bad_rows: skip` they are counted and sampled in the report instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, MixtureEntry
+from .formats import DataError, canonical
+
+_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_SAMPLES = 5  # example row ids / messages kept per drop reason
+
+
+@dataclass
+class DataReport:
+    """Counts of what the pipeline read, kept and dropped (with example row ids), for the log and summary.json."""
+
+    train_rows: int = 0
+    eval_rows: int = 0
+    read: dict[str, int] = field(default_factory=dict)  # rows read per source
+    dropped: dict[str, int] = field(default_factory=dict)  # "<stage>/<reason>" -> count
+    examples: dict[str, list[str]] = field(default_factory=dict)  # "<stage>/<reason>" -> a few row ids
+    bad_rows: list[str] = field(default_factory=list)  # messages of the first skipped bad rows
+
+    def drop(self, key: str, row_id: str, count: int = 1) -> None:
+        self.dropped[key] = self.dropped.get(key, 0) + count
+        ids = self.examples.setdefault(key, [])
+        if len(ids) < _SAMPLES:
+            ids.append(row_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"train_pairs": self.train_rows, "eval_pairs": self.eval_rows, "dropped": dict(self.dropped)}
+        out.update(read=dict(self.read), drop_examples={k: list(v) for k, v in self.examples.items()})
+        if self.bad_rows:
+            out["bad_rows"] = list(self.bad_rows)
+        return out
+
+
+class BadRows:
+    """on_bad_rows policy: raise the DataError, or count it (reason 'read/bad_row') and keep a sample."""
+
+    def __init__(self, policy: str, report: DataReport):
+        self.policy, self.report = policy, report
+
+    def __call__(self, error: DataError, row_id: str) -> None:
+        if self.policy == "error":
+            raise error
+        self.report.drop("read/bad_row", row_id)
+        if len(self.report.bad_rows) < _SAMPLES:
+            self.report.bad_rows.append(str(error)[:300])
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _kind(local: Path) -> str | None:
+    suffixes = [s.lower() for s in local.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes = suffixes[:-1]
+    return _FILE_KINDS.get("".join(suffixes[-1:]))
+
+
+def read_rows(path: str, name: str | None = None, split: str = "train"):
+    """A `datasets.Dataset` from a local file/folder or a Hub dataset name."""
+    import datasets
+
+    local = Path(path).expanduser()
+    if local.is_file():
+        kind = _kind(local)
+        if kind is None:
+            raise DataError(f"{local}: unsupported file type; use one of {', '.join(sorted(_FILE_KINDS))} (optionally .gz)")
+        if local.stat().st_size == 0:
+            raise DataError(f"{local}: the file is empty")
+        try:
+            return datasets.load_dataset(kind, data_files=str(local), split="train")
+        except Exception as exc:  # datasets wraps parser errors in several types
+            raise DataError(f"{local}: could not be read as {kind}: {exc}") from None
+    if local.is_dir():
+        if (local / "dataset_info.json").exists() or (local / "state.json").exists():
+            loaded = datasets.load_from_disk(str(local))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(str(local), name, split=split)
+    if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_KINDS)) or path.endswith(".gz"):
+        raise DataError(f"data file not found: {path}")
+    from .hub import load_hub_dataset
+
+    return load_hub_dataset(path, name, split)
+
+
+def _json_records(local: Path, bad: BadRows):
+    """(row id, where, value) from a .jsonl/.json(.gz) file, parsed here so errors name the line."""
+    opener = gzip.open if local.suffix.lower() == ".gz" else open
+    try:
+        with opener(local, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{local}: could not be read as UTF-8 text: {exc}") from None
+    if not text.strip():
+        raise DataError(f"{local}: the file is empty")
+    stem = local.name.split(".")[0]
+    if ".jsonl" not in [s.lower() for s in local.suffixes] and text.lstrip()[:1] == "[":
+        try:
+            values = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise DataError(f"{local}: not valid JSON: {str(exc)[:200]}") from None
+        for i, value in enumerate(values):
+            yield f"{stem}:{i}", f"{local} item {i}", value
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{local} line {number}"
+        try:
+            value = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            bad(DataError(f"{where}: not valid JSON: {str(exc)[:200]}"), f"{stem}:{number - 1}")
+            continue
+        yield f"{stem}:{number - 1}", where, value
+
+
+def read_records(path: str, name: str | None, split: str, bad: BadRows):
+    """(row id, where, row) for every row of one source; JSON files are parsed here, the rest via datasets."""
+    local = Path(path).expanduser()
+    if local.is_file() and _kind(local) == "json":
+        yield from _json_records(local, bad)
+        return
+    rows = read_rows(path, name, split)
+    stem = local.name.split(".")[0] if local.exists() else path.replace("/", "_")
+    for i, row in enumerate(rows):
+        yield f"{stem}:{i}", f"{path} row {i}", row
+
+
+# ---------------------------------------------------------------- sources and mixtures
+
+
+def entries(data: DataConfig) -> list[MixtureEntry]:
+    """The sources of a run: data.mixture, or data.path as a one-entry mixture."""
+    if data.mixture:
+        return list(data.mixture)
+    return [MixtureEntry(path=data.path, name=data.name, split=data.split, format=data.format, columns=data.columns,
+                         num_samples=data.num_samples, min_score=data.min_score, drop_ties=data.drop_ties)]
+
+
+def load_source(entry: MixtureEntry, data: DataConfig, report: DataReport, rng: random.Random) -> list[dict]:
+    """One source -> canonical rows after its score filters and sample size."""
+    bad = BadRows(data.on_bad_rows, report)
+    rows, read = [], 0
+    fmt, system_column = entry.format, entry.system_column or data.system_column
+    for row_id, where, raw in read_records(entry.path, entry.name, entry.split, bad):
+        read += 1
+        try:
+            if fmt == "auto" and isinstance(raw, dict):  # detect once per source, on its first good row
+                from .formats import detect_format, rename
+
+                fmt = detect_format(rename(raw, entry.columns, where))
+            pair = canonical(raw, fmt, where, entry.columns, system_column, data.system_prompt)
+        except DataError as exc:
+            bad(exc, row_id)
+            continue
+        own_id = raw.get("id")
+        pair["id"] = str(own_id) if isinstance(own_id, str | int) and not isinstance(own_id, bool) else row_id
+        pair["source"] = entry.path
+        pair["max_tokens"] = entry.max_length or -1
+        if _keep_by_score(pair, entry, report):
+            rows.append(pair)
+    report.read[entry.path] = report.read.get(entry.path, 0) + read
+    if read == 0:
+        raise DataError(f"{entry.path}: no rows")
+    size = entry.num_samples if entry.num_samples is not None else None
+    if entry.weight is not None:
+        size = round(entry.weight * len(rows))
+    if size is None:
+        return rows
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    picked = (order * (size // max(len(order), 1) + 1))[:size] if size > len(order) else order[:size]
+    return [rows[i] for i in picked]
+
+
+def _keep_by_score(pair: dict, entry: MixtureEntry, report: DataReport) -> bool:
+    good, worse = pair["score_chosen"], pair["score_rejected"]
+    if (entry.min_score is not None or entry.drop_ties) and (good is None or (entry.drop_ties and worse is None)):
+        report.drop("read/no_score", pair["id"])
+        return False
+    if entry.min_score is not None and good < entry.min_score:
+        report.drop("read/below_min_score", pair["id"])
+        return False
+    if entry.drop_ties and good == worse:
+        report.drop("read/tie", pair["id"])
+        return False
+    return True
+
+
+def build_rows(data: DataConfig, report: DataReport):
+    """Canonical (train, eval or None) `datasets.Dataset`s of every source, shuffled and split with data.shuffle_seed."""
+    import datasets
+
+    rng = random.Random(data.shuffle_seed)
+    rows = [r for entry in entries(data) for r in load_source(entry, data, report, rng)]
+    if not rows:
+        raise DataError(f"no usable rows (dropped: {json.dumps(report.dropped)}; bad rows: {report.bad_rows[:2]})")
+    train = datasets.Dataset.from_list(rows)
+    train, test = sample_and_split(train, data if data.mixture else data.model_copy(update={"num_samples": None}))
+    if data.eval_path is not None:
+        eval_entry = MixtureEntry(path=data.eval_path, split=data.eval_split, format=data.format, columns=data.columns)
+        test = datasets.Dataset.from_list(load_source(eval_entry, data, report, rng))
+    return train, test
+
+
+def sample_and_split(dataset, cfg: DataConfig):
+    """Shuffle with cfg.shuffle_seed, keep cfg.num_samples rows, hold out cfg.test_size."""
+    dataset = dataset.shuffle(seed=cfg.shuffle_seed)
+    if cfg.num_samples is not None:
+        dataset = dataset.select(range(min(cfg.num_samples, len(dataset))))
+    if cfg.eval_path is not None or cfg.test_size == 0:
+        return dataset, None
+    test_size = cfg.test_size if cfg.test_size < 1 else int(cfg.test_size)
+    if isinstance(test_size, int) and test_size >= len(dataset) or round(test_size * len(dataset) if test_size < 1 else test_size) < 1:
+        raise DataError(f"data.test_size={cfg.test_size} leaves no train or no test rows out of {len(dataset)}")
+    parts = dataset.train_test_split(test_size=test_size, seed=cfg.shuffle_seed, shuffle=False)
+    return parts["train"], parts["test"]
