@@ -53,6 +53,14 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_data_inspect(args) -> int:
+    path, overrides = _split_args(args.items)
+    config = load_config(path, overrides)
+    from .inspect_data import run_inspect
+
+    return run_inspect(config, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="orpo", description="ORPO fine-tuning of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("config", help="list every config key with its default and description")
     p.set_defaults(func=cmd_config)
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("inspect", help="the data doctor: counts, drops, token lengths, pitfalls, rendered examples")
+    p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] (the training config)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_data_inspect)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

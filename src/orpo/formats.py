@@ -93,6 +93,9 @@ def _split_shared(chosen: list, rejected: list) -> tuple[list, list, list]:
 def to_messages(row: dict[str, Any], where: str = "row") -> dict[str, list[dict[str, str]]]:
     """`prompt_response` / `messages` rows: chosen/rejected strings or message lists, prompt explicit or implicit.
 
+    `explicit_prompt` says whether the prompt came from a column of its own (where it may be repeated inside
+    chosen/rejected, the doctor's prompt_in_response check) or from the shared leading messages.
+
     When the lists share leading messages, those are the prompt (implicit prompt, as in orpo-dpo-mix-40k and
     UltraFeedback); an explicit prompt column is then ignored, since using both would put the question in twice.
     """
@@ -100,10 +103,10 @@ def to_messages(row: dict[str, Any], where: str = "row") -> dict[str, list[dict[
     rejected = as_messages(_need(row, "rejected", where), "assistant", f"{where}.rejected")
     prompt, chosen_tail, rejected_tail = _split_shared(chosen, rejected)
     if prompt:
-        return {"prompt": prompt, "chosen": chosen_tail, "rejected": rejected_tail}
+        return {"prompt": prompt, "chosen": chosen_tail, "rejected": rejected_tail, "explicit_prompt": False}
     if row.get("prompt") is None:
         raise DataError(f"{where}: no prompt: the row has no 'prompt' field and chosen/rejected share no leading messages")
-    return {"prompt": as_messages(row["prompt"], "user", f"{where}.prompt"), "chosen": chosen, "rejected": rejected}
+    return {"prompt": as_messages(row["prompt"], "user", f"{where}.prompt"), "chosen": chosen, "rejected": rejected, "explicit_prompt": True}
 
 
 def parse_hh(text: Any, where: str) -> list[dict[str, str]]:
@@ -124,7 +127,7 @@ def from_hh(row: dict, where: str) -> dict:
     prompt, chosen, rejected = _split_shared(chosen, rejected)
     if not prompt:
         raise DataError(f"{where}: chosen and rejected transcripts share no leading turn (the prompt)")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "explicit_prompt": False}
 
 
 def from_openai(row: dict, where: str) -> dict:
@@ -135,6 +138,7 @@ def from_openai(row: dict, where: str) -> dict:
         "prompt": as_messages(source["messages"], "user", f"{where}.input.messages"),
         "chosen": as_messages(_need(row, "preferred_output", where), "assistant", f"{where}.preferred_output"),
         "rejected": as_messages(_need(row, "non_preferred_output", where), "assistant", f"{where}.non_preferred_output"),
+        "explicit_prompt": True,
     }
 
 
@@ -143,6 +147,7 @@ def from_sharegpt(row: dict, where: str) -> dict:
         "prompt": as_messages(_need(row, "conversations", where), "user", f"{where}.conversations", sharegpt=True),
         "chosen": as_messages(_need(row, "chosen", where), "assistant", f"{where}.chosen", sharegpt=True),
         "rejected": as_messages(_need(row, "rejected", where), "assistant", f"{where}.rejected", sharegpt=True),
+        "explicit_prompt": True,
     }
 
 
@@ -188,7 +193,7 @@ def scores(row: dict, where: str) -> tuple[float | None, float | None]:
 
 def canonical(row: Any, fmt: str, where: str, columns: dict[str, str] | None = None,
               system_column: str | None = None, system_prompt: str | None = None) -> dict[str, Any]:
-    """One source row -> {prompt, chosen, rejected, score_chosen, score_rejected}; DataError on any problem."""
+    """One source row -> {prompt, chosen, rejected, explicit_prompt, score_chosen, score_rejected}; DataError on any problem."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object (mapping of columns), got {_type(row)}")
     row = rename(row, columns or {}, where)

@@ -38,6 +38,8 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=dict)  # "<stage>/<reason>" -> count
     examples: dict[str, list[str]] = field(default_factory=dict)  # "<stage>/<reason>" -> a few row ids
     bad_rows: list[str] = field(default_factory=list)  # messages of the first skipped bad rows
+    formats: dict[str, str] = field(default_factory=dict)  # detected (or forced) format per source
+    findings: list[dict[str, Any]] = field(default_factory=list)  # the data doctor's warnings (inspect_data)
 
     def drop(self, key: str, row_id: str, count: int = 1) -> None:
         self.dropped[key] = self.dropped.get(key, 0) + count
@@ -50,6 +52,8 @@ class DataReport:
         out.update(read=dict(self.read), drop_examples={k: list(v) for k, v in self.examples.items()})
         if self.bad_rows:
             out["bad_rows"] = list(self.bad_rows)
+        if self.findings:
+            out["findings"] = list(self.findings)
         return out
 
 
@@ -181,6 +185,7 @@ def load_source(entry: MixtureEntry, data: DataConfig, report: DataReport, rng: 
         if _keep_by_score(pair, entry, report):
             rows.append(pair)
     report.read[entry.path] = report.read.get(entry.path, 0) + read
+    report.formats[entry.path] = fmt
     if read == 0:
         raise DataError(f"{entry.path}: no rows")
     size = entry.num_samples if entry.num_samples is not None else None

@@ -18,9 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
-from .config import BUILTIN, Config, save_config
-from .data import PairSampler, collate, load_pairs
+from .config import Config, save_config
+from .data import PairSampler, collate
 from .evaluate import forward_logps, preference_metrics, task_accuracy
+from .inspect_data import load_checked
 from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss
 from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
@@ -66,7 +67,7 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
         autocast=accelerator.autocast,
         show_progress=accelerator.is_local_main_process,
     )
-    if generate and config.data.path == BUILTIN:
+    if generate and config.data.builtin:
         from .builtin.tasks import check
 
         acc, samples = task_accuracy(
@@ -100,7 +101,7 @@ def train(config: Config) -> dict:
     set_seed(config.seed)
 
     tokenizer, new_token_ids = load_tokenizer(config)
-    train_ds, eval_ds, eval_raw, report = load_pairs(config, tokenizer)
+    train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer)  # refuses data with errors
     log.info("data: %s", report.as_dict())
     model = load_model(config, tokenizer, new_token_ids)
     trainable, total = count_parameters(model)
