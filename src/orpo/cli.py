@@ -1,4 +1,5 @@
-"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo config`. Parsing only; no logic."""
+"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo config`, `orpo eval/merge/push/chat/report`.
+Parsing only; no logic."""
 
 from __future__ import annotations
 
@@ -53,6 +54,36 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .assess import run_eval
+
+    return run_eval(args.target, args.items, args.data, args.compare, args.samples, not args.no_generate, args.json)
+
+
+def cmd_merge(args) -> int:
+    from .merge import run_merge
+
+    return run_merge(args.run_dir, args.dtype, args.out, args.max_shard_size)
+
+
+def cmd_push(args) -> int:
+    from .hub import run_push
+
+    return run_push(args.folder, args.repo, args.private, args.dry_run)
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+
+    return run_chat(args.target, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.system, args.seed)
+
+
+def cmd_report(args) -> int:
+    from .report import run_report
+
+    return run_report(args.run_dir)
+
+
 def cmd_data_inspect(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
@@ -70,6 +101,39 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("config", help="list every config key with its default and description")
     p.set_defaults(func=cmd_config)
+    p = sub.add_parser("eval", help="held-out preference (and task) metrics of a run, merged or base model")
+    p.add_argument("target", help="run folder, merged model folder, 'builtin', Hub id or model folder")
+    p.add_argument("items", nargs="*", help="key=value config overrides (data.*, beta, per_device_eval_batch_size, ...)")
+    p.add_argument("--data", help="preference data to evaluate on (sets data.path)")
+    p.add_argument("--compare", metavar="OTHER", help="a second model, shown in the first column (e.g. builtin: the base)")
+    p.add_argument("--samples", type=int, default=4, help="generation samples to show (default 4)")
+    p.add_argument("--no-generate", action="store_true", help="skip generation (task accuracy and samples)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base, save and verify the logits")
+    p.add_argument("run_dir")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--out", required=True, help="folder for the merged model (replaced if it exists)")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("push", help="upload a run's adapter or a merged model with a model card to the Hub")
+    p.add_argument("folder", help="run folder or merged model folder")
+    p.add_argument("--repo", required=True, help="Hub repository, user/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", metavar="FOLDER", help="write what would be uploaded into FOLDER; no network")
+    p.set_defaults(func=cmd_push)
+    p = sub.add_parser("chat", help="chat with a run, merged or base model (tokens streamed)")
+    p.add_argument("target", help="run folder, merged model folder, 'builtin', Hub id or model folder")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("report", help="rebuild a run's report.html and plots/*.png")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("inspect", help="the data doctor: counts, drops, token lengths, pitfalls, rendered examples")
@@ -92,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orpo: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
         print(f"orpo: error: {exc}", file=sys.stderr)
         return 1
 

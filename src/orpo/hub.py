@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def load_hub_dataset(name: str, config_name: str | None, split: str):
     """A dataset split from the Hub (needs network, or a warm HF cache with HF_HUB_OFFLINE=1)."""
@@ -11,3 +13,42 @@ def load_hub_dataset(name: str, config_name: str | None, split: str):
         return datasets.load_dataset(name, config_name, split=split)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"dataset '{name}' is neither a local file/folder nor reachable on the Hub: {exc}") from None
+
+
+def hub_token() -> str:
+    """The Hugging Face token from HF_TOKEN or the saved login. Kept in memory only: never printed or written."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise PermissionError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def push_folder(folder: Path, repo: str, private: bool) -> str:
+    """Create `repo` (a model repository) if needed and upload every file of `folder` in one commit; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub_token())
+    url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", commit_message="Upload ORPO model (orpo push)")
+    return str(url)
+
+
+def run_push(folder: str, repo: str, private: bool, dry_run: str | None) -> int:
+    """`orpo push`: stage the model files + model card + plots, then upload them (or, with --dry-run, stop there)."""
+    import tempfile
+
+    from .card import stage
+
+    if dry_run is not None:
+        files = stage(folder, repo, dry_run)
+        print(f"dry run: {len(files)} files that would be uploaded to {repo} are in {dry_run}:")
+        print("\n".join(f"  {f}" for f in files))
+        return 0
+    hub_token()  # fail before staging when there is no token
+    with tempfile.TemporaryDirectory(prefix="orpo-push-") as tmp:
+        files = stage(folder, repo, tmp)
+        url = push_folder(Path(tmp), repo, private)
+    print(f"uploaded {len(files)} files to {url}")
+    return 0

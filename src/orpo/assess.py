@@ -1,0 +1,129 @@
+"""`orpo eval`: held-out metrics of a run, a merged model or a base model, alone or side by side.
+
+The held-out split is rebuilt from the run's config (`data.load_pairs`), and the metrics come from
+`train.evaluate_all`, the function training used for summary.json's `before`/`after`: for a finished run
+the numbers equal summary.json's `after`; for its base model (LoRA B = 0 at step 0) they equal `before`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .config import BUILTIN
+from .data import load_pairs, to_messages
+from .evaluate import generate_replies
+from .runs import Target, load, resolve
+
+log = logging.getLogger(__name__)
+
+ROWS = [
+    ("preference accuracy", "rewards/accuracies", True),
+    ("task accuracy", "task_accuracy", True),
+    ("margin (reward)", "rewards/margins", False),
+    ("log-odds chosen", "log_odds_chosen", False),
+    ("log-odds ratio term", "log_odds_ratio", False),
+    ("loss", "loss", False),
+    ("NLL (chosen)", "nll_loss", False),
+    ("logp chosen / token", "logps/chosen", False),
+    ("logp rejected / token", "logps/rejected", False),
+]
+
+
+def evaluate_target(target: Target, samples: int = 8, generate: bool = True) -> dict:
+    """Metrics of one target on its config's held-out split, plus up to `samples` generations."""
+    from accelerate import Accelerator
+
+    from .train import evaluate_all
+
+    config = target.config
+    mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    model, tokenizer = load(target)
+    model.to(accelerator.device)
+    _, eval_ds, eval_raw, _ = load_pairs(config, tokenizer)
+    if eval_ds is None:
+        raise ValueError(f"{target.spec}: no held-out data (set data.test_size > 0 or data.eval_path, or pass --data)")
+    metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, target.spec, generate=generate)
+    if generate and config.data.path != BUILTIN and samples > 0:
+        rows = [eval_raw[i] for i in range(min(samples, len(eval_raw)))]
+        prompts = [to_messages(r)["prompt"] for r in rows]
+        replies = generate_replies(
+            model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, batch_size=config.per_device_eval_batch_size,
+            device=accelerator.device,
+        )
+        metrics["samples"] = [{"prompt": p[-1]["content"], "reply": r} for p, r in zip(prompts, replies, strict=True)]
+    metrics["samples"] = metrics.get("samples", [])[:samples]
+    return metrics
+
+
+def _fmt(value, pct: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
+
+
+def table(names: list[str], results: list[dict]) -> str:
+    """Metric rows, one column per model, and the change from the first to the last column."""
+    width = max(14, *(len(n) + 2 for n in names))
+    head = f"{'held-out metric':<24}" + "".join(f"{n:>{width}}" for n in names)
+    lines = [head + (f"{'change':>12}" if len(results) > 1 else "")]
+    for label, key, pct in ROWS:
+        values = [r.get(key) for r in results]
+        if all(v is None for v in values):
+            continue
+        line = f"{label:<24}" + "".join(f"{_fmt(v, pct):>{width}}" for v in values)
+        if len(results) > 1 and None not in (values[0], values[-1]):
+            delta = values[-1] - values[0]
+            line += f"{(f'{100 * delta:+.1f} pt' if pct else f'{delta:+.4f}'):>12}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def samples_text(names: list[str], results: list[dict]) -> str:
+    """Generations per prompt, one line per model (the prompts are the same for every model)."""
+    lines = []
+    for i, first in enumerate(results[0].get("samples", [])):
+        lines.append(f"\n[{i + 1}] {first['prompt']}")
+        for name, result in zip(names, results, strict=True):
+            if i < len(result.get("samples", [])):
+                s = result["samples"][i]
+                mark = "" if "correct" not in s else (" [correct]" if s["correct"] else " [wrong]")
+                lines.append(f"    {name}: {s['reply']!r}{mark}")
+    return "\n".join(lines)
+
+
+def summary_check(target: Target, metrics: dict) -> str | None:
+    """For a run: how far these numbers are from summary.json's `after` (the end-of-training evaluation)."""
+    path = Path(target.spec) / "summary.json"
+    if target.kind != "run" or not path.is_file():
+        return None
+    after = json.loads(path.read_text()).get("after", {})
+    keys = [k for k, v in after.items() if isinstance(v, float) and isinstance(metrics.get(k), float)]
+    if not keys:
+        return None
+    worst = max(abs(metrics[k] - after[k]) for k in keys)
+    return f"summary.json 'after' vs now: max |difference| over {len(keys)} metrics = {worst:.2e}"
+
+
+def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | None, samples: int, generate: bool,
+             json_out: str | None = None) -> int:
+    """`orpo eval`: print the table (and samples); with `compare`, that model is the first column."""
+    if data is not None:
+        overrides = [f"data.path={data}", *overrides]
+    target = resolve(spec, overrides)
+    targets = [target]
+    if compare is not None:
+        targets.insert(0, resolve(compare, like=target.config))  # a base model is measured on the same split
+    names = [t.spec for t in targets]
+    results = [evaluate_target(t, samples, generate) for t in targets]
+    print("\n" + table(names, results))
+    check = summary_check(target, results[-1])
+    if check:
+        print(check)
+    if any(r.get("samples") for r in results):
+        print("\ngeneration samples (greedy):" + samples_text(names, results))
+    if json_out:
+        Path(json_out).write_text(json.dumps(dict(zip(names, results, strict=True)), indent=2))
+    return 0

@@ -1,0 +1,127 @@
+"""The upload folder for `orpo push`: the model files of a run (its adapter) or of a merged model, plus a
+model card (README.md with YAML front matter) and the training-curve PNGs of the run's report.
+
+No network here: `stage` writes a folder; hub.push uploads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .config import BUILTIN, Config, load_config
+from .report import TABLE, read_metrics, write_plots
+from .runs import MERGED_CONFIG
+
+MODEL_FILES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")  # weights, configs, tokenizer
+SKIP = {"orpo_merge.json"}
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what builtin/model.py converts from its GGUF
+
+
+def _run_of(folder: Path) -> tuple[Path | None, Path, Config, str]:
+    """(run folder or None, folder holding the model files, config, 'adapter'|'merged'|'full')."""
+    if (folder / "config.yaml").is_file() and (folder / "final").is_dir():
+        final = folder / "final"
+        kind = "adapter" if (final / "adapter_config.json").is_file() else "full"
+        return folder, final, load_config(folder / "config.yaml"), kind
+    if (folder / MERGED_CONFIG).is_file():
+        info = folder / "orpo_merge.json"
+        run = Path(json.loads(info.read_text())["run_dir"]) if info.is_file() else None
+        return (run if run is not None and run.is_dir() else None), folder, load_config(folder / MERGED_CONFIG), "merged"
+    raise FileNotFoundError(f"{folder} is neither a run folder (config.yaml + final/) nor a merged model (from `orpo merge`)")
+
+
+def base_model_id(config: Config) -> str:
+    return BUILTIN_HUB_ID if config.model.name_or_path == BUILTIN else config.model.name_or_path
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: list[dict], plots: list[str]) -> str:
+    """README.md: YAML metadata, then what it is, results, curves, how to load it, the config."""
+    base = base_model_id(config)
+    meta: dict = {"library_name": "peft" if kind == "adapter" else "transformers", "pipeline_tag": "text-generation",
+                  "tags": ["orpo", "preference-optimization"] + (["lora"] if kind == "adapter" else [])}
+    if _is_hub_id(base):
+        meta["base_model"] = base
+    if config.data.path != BUILTIN and _is_hub_id(config.data.path):
+        meta["datasets"] = [config.data.path]
+    data = "orpo's generated preference tasks (`data.path: builtin`)" if config.data.path == BUILTIN else f"`{config.data.path}`"
+    what = {"adapter": "a LoRA adapter", "merged": "a merged model (LoRA folded into the base weights)", "full": "a fully fine-tuned model"}[kind]
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        f"# {repo.split('/')[-1]}", "",
+        f"{what[0].upper() + what[1:]} trained with ORPO (Odds Ratio Preference Optimization, Hong, Lee & Thorne 2024) "
+        f"with orpo, on top of `{base}`.", "",
+        f"- **Base model:** `{base}`", f"- **Data:** {data}",
+        f"- **Training:** {summary.get('steps', '?')} steps, {summary.get('data', {}).get('train_pairs', '?')} pairs, "
+        f"learning rate {config.learning_rate}, beta (lambda) {config.beta}, "
+        + (f"LoRA r={config.lora.r}, alpha={config.lora.alpha}" if config.lora.enabled else "full fine-tuning")
+        + (", QLoRA (4-bit base)" if config.model.load_in_4bit else ""), "",
+    ]
+    before, after = summary.get("before", {}), summary.get("after", {})
+    if after:
+        lines += ["## Held-out evaluation", "", f"{summary.get('data', {}).get('eval_pairs', '?')} held-out pairs.", "",
+                  "| metric | before | after |", "| --- | --- | --- |"]
+        for label, key, pct in TABLE:
+            if key in after:
+                fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
+                lines.append(f"| {label} | {fmt(before[key]) if key in before else '-'} | {fmt(after[key])} |")
+        lines.append("")
+    train_lines = [m for m in metrics if "loss" in m]
+    if train_lines:
+        last = train_lines[-1]
+        keys = ["loss", "nll_loss", "log_odds_ratio", "rewards/margins", "rewards/accuracies"]
+        lines += ["## Final training metrics", "", f"At step {last['step']}:", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {last[k]:.4f} |" for k in keys if isinstance(last.get(k), float)] + [""]
+    if plots:
+        lines += ["## Training curves", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    lines += ["## How to load", "", "```python"]
+    if kind == "adapter":
+        lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")  # downloads the base model too',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo}")', f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
+    lines += ['messages = [{"role": "user", "content": "What is 12 + 7?"}]',
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))", "```", "",
+              "The chat template is saved with the tokenizer; generation stops at its end-of-turn token.", "",
+              "## Training config", "", "<details><summary>config.yaml</summary>", "", "```yaml",
+              yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False).strip(), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def stage(folder: str | Path, repo: str, out: str | Path) -> list[Path]:
+    """Write into `out` exactly what `orpo push` uploads; returns the files (relative to `out`)."""
+    folder, out = Path(folder), Path(out)
+    run, model_dir, config, kind = _run_of(folder)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.suffix in MODEL_FILES and path.name not in SKIP:
+            shutil.copy(path, out / path.name)
+    if kind == "adapter":  # the adapter points at the base it was trained on: make that a Hub id where we know it
+        adapter = json.loads((out / "adapter_config.json").read_text())
+        if config.model.name_or_path == BUILTIN:
+            adapter["base_model_name_or_path"] = BUILTIN_HUB_ID
+            (out / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+    summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").is_file() else {}
+    for key in ("before", "after"):
+        summary.get(key, {}).pop("samples", None)
+    metrics = read_metrics(run) if run else []
+    plots = []
+    if run is not None:
+        (out / "plots").mkdir(exist_ok=True)
+        for stem, path in write_plots(run).items():
+            shutil.copy(path, out / "plots" / f"{stem}.png")
+            plots.append(f"plots/{stem}.png")
+    (out / "README.md").write_text(model_card(repo, config, kind, summary, metrics, plots))
+    return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())

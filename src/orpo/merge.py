@@ -1,0 +1,109 @@
+"""`orpo merge`: fold a run's LoRA adapter into its base weights and save a plain 16-bit model, then check it.
+
+The base is loaded in 16-bit even for QLoRA runs (merging into 4-bit weights would re-quantize the sum).
+peft's `merge_and_unload` adds B·A·scale to each target weight and writes the trained ChatML rows
+(`trainable_token_indices`, see model.new_token_rows) into the embedding and output matrices.
+
+Check: the saved model, reloaded from disk, is compared with the unmerged adapter model in fp32 on a few
+chat prompts. Both run in fp32, so the difference measures the merge and the rounding of the merged weights
+to the chosen dtype; the tolerance is relative to the largest logit (bf16 keeps 8 bits of mantissa, fp16 11).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .data import end_of_turn_id
+from .runs import MERGED_CONFIG, load, prompt_logits, resolve
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Max |logit difference| allowed, as a share of the largest |logit|: a few units of the dtype's rounding.
+TOLERANCE = {"bf16": 2e-2, "fp16": 3e-3, "fp32": 1e-5}
+PROMPTS = [
+    "What is 12 + 7? Reply with only the number.",
+    "Write one sentence about the sea.",
+    "Which number is larger, 736 or 551? Reply with only the number.",
+]
+
+
+@dataclass
+class MergeCheck:
+    max_abs_diff: float
+    scale: float  # largest |logit| of the reference
+    tolerance: float  # allowed max_abs_diff = TOLERANCE[dtype] * scale
+    top1_agreement: float  # share of positions whose argmax token agrees
+    adapter_effect: float | None  # max |logit change| the adapter makes on the base: what a lost merge would show
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: str | Path, max_shard_size: str = "2GB") -> Path:
+    """Merged model + tokenizer + chat template + generation_config (eos = end of turn) + the run's config."""
+    run_dir, out = Path(run_dir), Path(out)
+    target = resolve(str(run_dir))
+    if target.kind != "run":
+        raise ValueError(f"{run_dir} is not a run folder (config.yaml + final/)")
+    model, tokenizer = load(target, dtype=DTYPES[dtype], quantized=False)
+    if target.is_adapter:
+        model = model.merge_and_unload()
+    eot = end_of_turn_id(tokenizer)
+    model.generation_config.eos_token_id = eot
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = eot
+    model.config.name_or_path = str(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    shutil.copy(run_dir / "config.yaml", out / MERGED_CONFIG)
+    return out
+
+
+def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts: list[str] = PROMPTS) -> MergeCheck:
+    """Logits of the reloaded merged model vs the unmerged adapter model (both computed in fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    reference, tokenizer = load(resolve(str(run_dir)), dtype="float32", quantized=False)
+    want = prompt_logits(reference, tokenizer, prompts)
+    effect = None
+    if hasattr(reference, "disable_adapter"):
+        with reference.disable_adapter():
+            base = prompt_logits(reference, tokenizer, prompts)
+        effect = max(float((a - b).abs().max()) for a, b in zip(want, base, strict=True))
+    del reference
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    got = prompt_logits(merged, tokenizer, prompts)
+    diff = max(float((a - b).abs().max()) for a, b in zip(want, got, strict=True))
+    scale = max(float(a.abs().max()) for a in want)
+    agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(want, got, strict=True)]).mean()
+    return MergeCheck(diff, scale, TOLERANCE[dtype] * scale, float(agree), effect)
+
+
+def run_merge(run_dir: str, dtype: str, out: str, max_shard_size: str = "2GB") -> int:
+    """`orpo merge`: merge, save, verify; exit status 1 when the check fails."""
+    path = merge_run(run_dir, dtype, out, max_shard_size)
+    files = sorted(p.name for p in path.iterdir())
+    print(f"merged model ({dtype}) saved to {path}: {', '.join(files)}")
+    check = check_merge(run_dir, path, dtype)
+    (path / "orpo_merge.json").write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()), "dtype": dtype, **check.__dict__, "passed": check.passed}, indent=2))
+    verdict = "PASS" if check.passed else "FAIL"
+    print(
+        f"logit check vs the adapter model on {len(PROMPTS)} prompts: max |diff| = {check.max_abs_diff:.3e} "
+        f"(tolerance {check.tolerance:.3e} = {TOLERANCE[dtype]:g} x max |logit| {check.scale:.2f}), "
+        f"top-1 agreement {100 * check.top1_agreement:.1f}%: {verdict}"
+    )
+    if check.adapter_effect is not None:
+        print(f"(for scale: the adapter itself moves the base model's logits by up to {check.adapter_effect:.3e})")
+    return 0 if check.passed else 1

@@ -1,0 +1,53 @@
+"""`orpo eval`: a run's numbers equal its summary.json, its base model's equal `before`; compare; errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_overrides
+from orpo.cli import main
+from orpo.config import load_config
+from orpo.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(chat_model_dir, tmp_path_factory):
+    """A finished 3-step LoRA run on the tiny chat model (24 pairs, 4 held out)."""
+    from conftest import PAIRS, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("assess")
+    data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
+    out = tmp / "run"
+    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_new_tokens=4)))
+    return out
+
+
+def test_eval_of_a_run_equals_summary_after_and_base_equals_before(tiny_run, chat_model_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_run), "--compare", str(chat_model_dir), "--samples", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "preference accuracy" in text and "change" in text and "generation samples" in text
+    results = json.loads(out.read_text())
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    run, base = results[str(tiny_run)], results[str(chat_model_dir)]
+    for key in ("loss", "nll_loss", "log_odds_ratio", "rewards/accuracies", "rewards/margins"):
+        assert run[key] == pytest.approx(summary["after"][key], abs=1e-5)
+        assert base[key] == pytest.approx(summary["before"][key], abs=1e-5)  # LoRA B = 0 at step 0
+    assert len(run["samples"]) == 2 and run["samples"][0]["prompt"] == base["samples"][0]["prompt"]
+    assert "summary.json 'after' vs now" in text
+
+
+def test_eval_of_a_base_model_on_a_data_file(chat_model_dir, pairs_file, capsys):
+    assert main(["eval", str(chat_model_dir), "data.test_size=4", "max_length=64", "max_prompt_length=32",
+                 "--data", str(pairs_file), "--no-generate"]) == 0
+    text = capsys.readouterr().out
+    assert "preference accuracy" in text and "generation samples" not in text
+
+
+def test_eval_errors(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("max_steps: 3\n")
+    assert main(["eval", str(tmp_path)]) == 1
+    assert "no final/ model" in capsys.readouterr().err
+    assert main(["eval", "builtin", "data.nope=1"]) == 2

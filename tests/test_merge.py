@@ -1,0 +1,59 @@
+"""`orpo merge`: merged logits equal the adapter model's (ChatML rows included), files, generation config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import PAIRS, tiny_overrides, write_jsonl
+from orpo.cli import main
+from orpo.config import load_config
+from orpo.train import train
+
+
+@pytest.fixture(scope="module")
+def chatml_run(base_model_dir, tmp_path_factory):
+    """A LoRA run on a model without a chat template: ChatML tokens added, their rows trained."""
+    tmp = tmp_path_factory.mktemp("merge")
+    data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
+    out = tmp / "run"
+    train(load_config(None, tiny_overrides(base_model_dir, data, out, max_steps=2, learning_rate=0.05, eval_on_start="false", eval_steps="null")))
+    return out
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("fp32", 1e-4), ("bf16", None)])
+def test_merge_matches_the_adapter_model(chatml_run, tmp_path, capsys, dtype, tolerance):
+    out = tmp_path / f"merged-{dtype}"
+    assert main(["merge", str(chatml_run), "--dtype", dtype, "--out", str(out), "--max-shard-size", "20KB"]) == 0
+    text = capsys.readouterr().out
+    assert "PASS" in text and "max |diff|" in text
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    assert (out / "orpo_config.yaml").is_file() and (out / "chat_template.jinja").is_file()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == im_end
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    check = json.loads((out / "orpo_merge.json").read_text())
+    assert check["passed"] and check["adapter_effect"] > 10 * check["max_abs_diff"]
+    if tolerance:
+        assert check["max_abs_diff"] < tolerance
+
+
+def test_merge_fails_loudly_when_the_weights_do_not_match(chatml_run, tmp_path, monkeypatch, capsys):
+    """A merge that loses the adapter must give FAIL and exit status 1."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())
+    assert main(["merge", str(chatml_run), "--dtype", "fp32", "--out", str(tmp_path / "bad")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_merge_needs_a_run(tmp_path, capsys):
+    assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 1
+    assert "not a run folder" in capsys.readouterr().err

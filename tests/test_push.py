@@ -1,0 +1,92 @@
+"""`orpo push`: the dry-run folder, the upload call (HfApi patched: no network), the token kept secret."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PAIRS, tiny_overrides, write_jsonl
+from orpo.cli import main
+from orpo.config import load_config
+from orpo.train import train
+
+TOKEN = "hf_SECRETtokenDoNotLeak123"
+ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(chat_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("push")
+    data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
+    out = tmp / "run"
+    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_steps=2, max_new_tokens=2)))
+    return out
+
+
+def front_matter(readme: str) -> dict:
+    assert readme.startswith("---\n")
+    return yaml.safe_load(readme.split("---\n")[1])
+
+
+def test_dry_run_writes_the_adapter_card_and_plots(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    dry = tmp_path / "dry"
+    assert main(["push", str(tiny_run), "--repo", "me/tiny", "--dry-run", str(dry)]) == 0
+    files = {str(p.relative_to(dry)) for p in dry.rglob("*") if p.is_file()}
+    assert ADAPTER_FILES <= files and "plots/loss.png" in files
+    readme = (dry / "README.md").read_text()
+    meta = front_matter(readme)
+    assert meta["library_name"] == "peft" and "orpo" in meta["tags"]
+    assert "base_model" not in meta  # a local path is not a Hub id
+    for part in ("## Held-out evaluation", "preference accuracy", "![loss](plots/loss.png)", "AutoPeftModelForCausalLM", "```yaml"):
+        assert part in readme
+    assert TOKEN not in capsys.readouterr().out
+    assert all(TOKEN.encode() not in (dry / f).read_bytes() for f in files)
+    assert main(["push", str(tiny_run), "--repo", "me/tiny", "--dry-run", str(dry)]) == 1  # not empty: refused
+
+
+def test_upload_gets_the_staged_files_and_never_the_token_in_output(tiny_run, tmp_path, capsys, caplog, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create"] = dict(repo_id=repo_id, token=self.token, **kwargs)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, **kwargs):
+        calls["upload"] = dict(repo_id=repo_id, files={str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()},
+                               card=(Path(folder_path) / "README.md").read_text(), **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with caplog.at_level(logging.DEBUG):
+        assert main(["push", str(tiny_run), "--repo", "me/tiny", "--private"]) == 0
+    assert calls["create"]["repo_id"] == "me/tiny" and calls["create"]["private"] is True and calls["create"]["token"] == TOKEN
+    assert calls["upload"]["repo_id"] == "me/tiny" and ADAPTER_FILES <= calls["upload"]["files"]
+    assert "plots/loss.png" in calls["upload"]["files"] and TOKEN not in calls["upload"]["card"]
+    out = capsys.readouterr()
+    assert "uploaded" in out.out and TOKEN not in out.out + out.err + caplog.text
+
+
+def test_push_without_a_token_fails_before_any_upload(tiny_run, monkeypatch, capsys, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved login
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["push", str(tiny_run), "--repo", "me/tiny"]) == 1
+    assert "no Hugging Face token" in capsys.readouterr().err
+
+
+def test_push_of_a_merged_model(tiny_run, tmp_path):
+    assert main(["merge", str(tiny_run), "--dtype", "bf16", "--out", str(tmp_path / "merged")]) == 0
+    dry = tmp_path / "dry"
+    assert main(["push", str(tmp_path / "merged"), "--repo", "me/tiny-merged", "--dry-run", str(dry)]) == 0
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "plots/loss.png"} <= {
+        str(p.relative_to(dry)) for p in dry.rglob("*") if p.is_file()}
+    assert front_matter((dry / "README.md").read_text())["library_name"] == "transformers"
