@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -236,8 +236,12 @@ def _describe(error: dict) -> str:
     if kind == "extra_forbidden":
         parent = Config
         for part in error["loc"][:-1]:
-            field = parent.model_fields.get(str(part))
+            if isinstance(part, int):  # a list index (data.mixture.0): stay on the item model
+                continue
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) and issubclass(parent, BaseModel) else None
             parent = field.annotation if field is not None else parent
+            # list[MixtureEntry] -> MixtureEntry
+            parent = next((a for a in get_args(parent) if isinstance(a, type) and issubclass(a, BaseModel)), parent)
         allowed = ", ".join(sorted(parent.model_fields)) if isinstance(parent, type) and issubclass(parent, BaseModel) else "?"
         return f"unknown key '{key}'. Allowed here: {allowed}"
     if kind == "literal_error":

@@ -205,9 +205,9 @@ def format_report(result: dict[str, Any]) -> str:
 
 def run_inspect(config: Config, as_json: bool = False) -> int:
     """`orpo data inspect`: print the report; exit status 1 when it has errors."""
-    from .model import load_tokenizer
-
     import datasets
+
+    from .model import load_tokenizer
 
     datasets.disable_progress_bars()
     tokenizer, _ = load_tokenizer(config)

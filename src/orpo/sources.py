@@ -108,8 +108,9 @@ def read_rows(path: str, name: str | None = None, split: str = "train"):
     return load_hub_dataset(path, name, split)
 
 
-def _json_records(local: Path, bad: BadRows):
-    """(row id, where, value) from a .jsonl/.json(.gz) file, parsed here so errors name the line."""
+def _json_records(local: Path):
+    """(row id, where, value) from a .jsonl/.json(.gz) file, parsed here so errors name the line (a line that is
+    not JSON gives its DataError as the value)."""
     opener = gzip.open if local.suffix.lower() == ".gz" else open
     try:
         with opener(local, "rt", encoding="utf-8") as handle:
@@ -134,16 +135,15 @@ def _json_records(local: Path, bad: BadRows):
         try:
             value = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
-            bad(DataError(f"{where}: not valid JSON: {str(exc)[:200]}"), f"{stem}:{number - 1}")
-            continue
+            value = DataError(f"{where}: not valid JSON: {str(exc)[:200]}")  # counted as read, then as bad
         yield f"{stem}:{number - 1}", where, value
 
 
-def read_records(path: str, name: str | None, split: str, bad: BadRows):
+def read_records(path: str, name: str | None, split: str):
     """(row id, where, row) for every row of one source; JSON files are parsed here, the rest via datasets."""
     local = Path(path).expanduser()
     if local.is_file() and _kind(local) == "json":
-        yield from _json_records(local, bad)
+        yield from _json_records(local)
         return
     rows = read_rows(path, name, split)
     stem = local.name.split(".")[0] if local.exists() else path.replace("/", "_")
@@ -167,9 +167,11 @@ def load_source(entry: MixtureEntry, data: DataConfig, report: DataReport, rng: 
     bad = BadRows(data.on_bad_rows, report)
     rows, read = [], 0
     fmt, system_column = entry.format, entry.system_column or data.system_column
-    for row_id, where, raw in read_records(entry.path, entry.name, entry.split, bad):
+    for row_id, where, raw in read_records(entry.path, entry.name, entry.split):
         read += 1
         try:
+            if isinstance(raw, DataError):
+                raise raw
             if fmt == "auto" and isinstance(raw, dict):  # detect once per source, on its first good row
                 from .formats import detect_format, rename
 
