@@ -51,3 +51,24 @@ def test_eval_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 1
     assert "no final/ model" in capsys.readouterr().err
     assert main(["eval", "builtin", "data.nope=1"]) == 2
+
+
+def test_lm_eval_harness_on_a_local_task(tiny_run, tmp_path, capsys, monkeypatch):
+    """A two-choice task defined here, on local data: runs offline through the run's adapter model."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"question": "What is the capital of France?", "choices": ["Paris", "green"], "label": 0},
+            {"question": "Add 2 and 3.", "choices": ["6", "5"], "label": 1},
+            {"question": "What colour is snow?", "choices": ["white", "green"], "label": 0}]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tiny_qa.yaml").write_text(
+        f"task: tiny_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_run), "--no-generate", "--lm-eval", "tiny_qa", "--lm-eval-include", str(tmp_path), "--json", str(out)]) == 0
+    acc = json.loads(out.read_text())[str(tiny_run)]["lm_eval"]["tiny_qa"]["acc"]
+    assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert "tiny_qa/acc" in capsys.readouterr().out

@@ -31,8 +31,9 @@ ROWS = [
 ]
 
 
-def evaluate_target(target: Target, samples: int = 8, generate: bool = True) -> dict:
-    """Metrics of one target on its config's held-out split, plus up to `samples` generations."""
+def evaluate_target(target: Target, samples: int = 8, generate: bool = True, harness: dict | None = None) -> dict:
+    """Metrics of one target on its config's held-out split, plus up to `samples` generations; with `harness`
+    ({tasks, include_path, limit}), lm-evaluation-harness results under "lm_eval"."""
     from accelerate import Accelerator
 
     from .train import evaluate_all
@@ -55,6 +56,10 @@ def evaluate_target(target: Target, samples: int = 8, generate: bool = True) -> 
         )
         metrics["samples"] = [{"prompt": p[-1]["content"], "reply": r} for p, r in zip(prompts, replies, strict=True)]
     metrics["samples"] = metrics.get("samples", [])[:samples]
+    if harness:
+        from .harness import run_tasks
+
+        metrics["lm_eval"] = run_tasks(model, tokenizer, batch_size=config.per_device_eval_batch_size, **harness)
     return metrics
 
 
@@ -107,8 +112,18 @@ def summary_check(target: Target, metrics: dict) -> str | None:
     return f"summary.json 'after' vs now: max |difference| over {len(keys)} metrics = {worst:.2e}"
 
 
+def harness_table(names: list[str], results: list[dict]) -> str:
+    """lm-evaluation-harness metrics, one column per model."""
+    lines = [f"{'lm-eval task/metric':<32}" + "".join(f"{n:>16}" for n in names)]
+    for task, values in results[0]["lm_eval"].items():
+        for metric in values:
+            cells = [r["lm_eval"].get(task, {}).get(metric) for r in results]
+            lines.append(f"{task + '/' + metric:<32}" + "".join(f"{_fmt(c, False):>16}" for c in cells))
+    return "\n".join(lines)
+
+
 def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | None, samples: int, generate: bool,
-             json_out: str | None = None) -> int:
+             json_out: str | None = None, harness: dict | None = None) -> int:
     """`orpo eval`: print the table (and samples); with `compare`, that model is the first column."""
     if data is not None:
         overrides = [f"data.path={data}", *overrides]
@@ -117,8 +132,10 @@ def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | N
     if compare is not None:
         targets.insert(0, resolve(compare, like=target.config))  # a base model is measured on the same split
     names = [t.spec for t in targets]
-    results = [evaluate_target(t, samples, generate) for t in targets]
+    results = [evaluate_target(t, samples, generate, harness) for t in targets]
     print("\n" + table(names, results))
+    if harness:
+        print("\n" + harness_table(names, results))
     check = summary_check(target, results[-1])
     if check:
         print(check)

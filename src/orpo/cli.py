@@ -57,7 +57,8 @@ def cmd_config(args) -> int:
 def cmd_eval(args) -> int:
     from .assess import run_eval
 
-    return run_eval(args.target, args.items, args.data, args.compare, args.samples, not args.no_generate, args.json)
+    harness = dict(tasks=args.lm_eval.split(","), include_path=args.lm_eval_include, limit=args.lm_eval_limit) if args.lm_eval else None
+    return run_eval(args.target, args.items, args.data, args.compare, args.samples, not args.no_generate, args.json, harness)
 
 
 def cmd_merge(args) -> int:
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=4, help="generation samples to show (default 4)")
     p.add_argument("--no-generate", action="store_true", help="skip generation (task accuracy and samples)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated; needs orpo[eval])")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAML files")
+    p.add_argument("--lm-eval-limit", type=int, help="at most this many documents per lm-eval task")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base, save and verify the logits")
     p.add_argument("run_dir")
