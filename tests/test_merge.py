@@ -57,3 +57,18 @@ def test_merge_fails_loudly_when_the_weights_do_not_match(chatml_run, tmp_path, 
 def test_merge_needs_a_run(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 1
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_qlora_run_merges_into_a_16_bit_base(wide_model_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
+    run = tmp_path / "q"
+    train(load_config(None, tiny_overrides(wide_model_dir, data, run, max_steps=1, eval_on_start="false", eval_steps="null", **{
+        "model.load_in_4bit": "true", "model.bnb_4bit_compute_dtype": "float32"})))
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--dtype", "fp16", "--out", str(out)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float16 and not any("4bit" in type(m).__name__ for m in model.modules())
