@@ -34,7 +34,7 @@ case "$cmd" in
     exec "$VENV/bin/orpo" train "$@" ;;
   test)
     setup
-    "$VENV/bin/ruff" check src tests scripts
+    "$VENV/bin/ruff" check src tests scripts bench
     "$VENV/bin/python" -c "import importlib, pkgutil, orpo; [importlib.import_module(m.name) for m in pkgutil.walk_packages(orpo.__path__, 'orpo.')]; print('imported every orpo module')"
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
   *) sed -n 2,7p "$0"; exit 2 ;;
