@@ -201,7 +201,6 @@ def test_tensorboard_tracker_gets_the_metrics(chat_model_dir, pairs_file, tmp_pa
 
 def test_separate_eval_file_and_own_template_requirement(chat_model_dir, base_model_dir, pairs_file, tmp_path):
     from conftest import PAIRS
-
     from orpo.model import load_tokenizer
 
     eval_file = write_jsonl(tmp_path / "eval.jsonl", PAIRS[:3])
