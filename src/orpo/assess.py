@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-from .config import BUILTIN
 from .data import load_pairs, to_messages
 from .evaluate import generate_replies
 from .runs import Target, load, resolve
@@ -47,7 +46,7 @@ def evaluate_target(target: Target, samples: int = 8, generate: bool = True, har
     if eval_ds is None:
         raise ValueError(f"{target.spec}: no held-out data (set data.test_size > 0 or data.eval_path, or pass --data)")
     metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, target.spec, generate=generate)
-    if generate and config.data.path != BUILTIN and samples > 0:
+    if generate and not config.data.builtin and samples > 0:
         rows = [eval_raw[i] for i in range(min(samples, len(eval_raw)))]
         prompts = [to_messages(r)["prompt"] for r in rows]
         replies = generate_replies(

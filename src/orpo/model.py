@@ -20,12 +20,12 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def weights_dtype(config: Config) -> torch.dtype:
     if config.model.dtype != "auto":
-        return _DTYPES[config.model.dtype]
+        return DTYPES[config.model.dtype]
     if config.bf16:
         return torch.bfloat16
     if config.fp16:
@@ -33,7 +33,7 @@ def weights_dtype(config: Config) -> torch.dtype:
     return torch.float32
 
 
-def _source(config: Config) -> tuple[str, dict]:
+def model_source(config: Config) -> tuple[str, dict]:
     """Where to load from, and the loading kwargs shared by model and tokenizer."""
     if config.model.name_or_path == BUILTIN:
         return str(builtin_model_dir()), {}
@@ -52,7 +52,7 @@ def load_tokenizer(config: Config):
     """
     from transformers import AutoTokenizer
 
-    source, kwargs = _source(config)
+    source, kwargs = model_source(config)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     mode = config.model.chat_template
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -72,30 +72,35 @@ def load_tokenizer(config: Config):
     return tokenizer, new_ids
 
 
-def load_model(config: Config, tokenizer, new_token_ids: list[int]):
-    """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled."""
+def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.dtype | None = None, quantized: bool = True):
+    """The base model as the config describes it (4-bit when model.load_in_4bit and `quantized`), with room
+    for the tokenizer's tokens and the pad/end-of-turn ids set; `dtype` overrides the weights dtype."""
     from transformers import AutoModelForCausalLM
 
-    source, kwargs = _source(config)
-    dtype = weights_dtype(config)
+    source, kwargs = model_source(config)
     if config.model.attn_implementation:
         kwargs["attn_implementation"] = config.model.attn_implementation
-    if config.model.load_in_4bit:
+    if quantized and config.model.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=_DTYPES[config.model.bnb_4bit_compute_dtype],
+            bnb_4bit_compute_dtype=DTYPES[config.model.bnb_4bit_compute_dtype],
         )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    if new_token_ids:
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or weights_dtype(config), **kwargs)
+    if new_token_ids or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    eot = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    model.generation_config.eos_token_id = eot
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_model(config: Config, tokenizer, new_token_ids: list[int]):
+    """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled."""
+    model = load_base(config, tokenizer, new_token_ids)
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

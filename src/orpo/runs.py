@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from .config import Config, load_config
-from .model import _DTYPES, _source, load_tokenizer, weights_dtype
+from .model import DTYPES, load_base, load_tokenizer, weights_dtype
 
 MERGED_CONFIG = "orpo_config.yaml"  # the run's config, copied into a merged model folder
 
@@ -66,26 +66,11 @@ def load(target: Target, dtype: str | None = None, quantized: bool = True):
 
     config = target.config
     tokenizer, new_ids = load_tokenizer(config)
-    torch_dtype = _DTYPES[dtype] if dtype else weights_dtype(config)
+    torch_dtype = DTYPES[dtype] if dtype else weights_dtype(config)
     if target.kind == "run" and not target.is_adapter:  # full fine-tuning: final/ is the whole model
         model = AutoModelForCausalLM.from_pretrained(target.final_dir, dtype=torch_dtype)
         return _ready(model, tokenizer), tokenizer
-    source, kwargs = _source(config)
-    if config.model.attn_implementation:
-        kwargs["attn_implementation"] = config.model.attn_implementation
-    if quantized and config.model.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=_DTYPES[config.model.bnb_4bit_compute_dtype],
-        )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    if new_ids or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        # the adapter holds the new ChatML rows; the base must have room for them first (as in training)
-        model.resize_token_embeddings(len(tokenizer))
+    model = load_base(config, tokenizer, new_ids, dtype=torch_dtype, quantized=quantized)
     if target.is_adapter:
         from peft import PeftModel
 
