@@ -12,22 +12,11 @@ import logging
 from pathlib import Path
 
 from .data import load_pairs, to_messages
-from .evaluate import generate_replies
+from .evaluate import HELD_OUT_ROWS, format_metric, generate_replies
 from .runs import Target, load, resolve
 
 log = logging.getLogger(__name__)
 
-ROWS = [
-    ("preference accuracy", "rewards/accuracies", True),
-    ("task accuracy", "task_accuracy", True),
-    ("margin (reward)", "rewards/margins", False),
-    ("log-odds chosen", "log_odds_chosen", False),
-    ("log-odds ratio term", "log_odds_ratio", False),
-    ("loss", "loss", False),
-    ("NLL (chosen)", "nll_loss", False),
-    ("logp chosen / token", "logps/chosen", False),
-    ("logp rejected / token", "logps/rejected", False),
-]
 
 
 def evaluate_target(target: Target, samples: int = 8, generate: bool = True, harness: dict | None = None) -> dict:
@@ -62,22 +51,16 @@ def evaluate_target(target: Target, samples: int = 8, generate: bool = True, har
     return metrics
 
 
-def _fmt(value, pct: bool) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
-
-
 def table(names: list[str], results: list[dict]) -> str:
     """Metric rows, one column per model, and the change from the first to the last column."""
     width = max(14, *(len(n) + 2 for n in names))
     head = f"{'held-out metric':<24}" + "".join(f"{n:>{width}}" for n in names)
     lines = [head + (f"{'change':>12}" if len(results) > 1 else "")]
-    for label, key, pct in ROWS:
+    for label, key, pct in HELD_OUT_ROWS:
         values = [r.get(key) for r in results]
         if all(v is None for v in values):
             continue
-        line = f"{label:<24}" + "".join(f"{_fmt(v, pct):>{width}}" for v in values)
+        line = f"{label:<24}" + "".join(f"{format_metric(v, pct):>{width}}" for v in values)
         if len(results) > 1 and None not in (values[0], values[-1]):
             delta = values[-1] - values[0]
             line += f"{(f'{100 * delta:+.1f} pt' if pct else f'{delta:+.4f}'):>12}"
@@ -117,7 +100,7 @@ def harness_table(names: list[str], results: list[dict]) -> str:
     for task, values in results[0]["lm_eval"].items():
         for metric in values:
             cells = [r["lm_eval"].get(task, {}).get(metric) for r in results]
-            lines.append(f"{task + '/' + metric:<32}" + "".join(f"{_fmt(c, False):>16}" for c in cells))
+            lines.append(f"{task + '/' + metric:<32}" + "".join(f"{format_metric(c, False):>16}" for c in cells))
     return "\n".join(lines)
 
 

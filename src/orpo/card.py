@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from .config import BUILTIN, Config, load_config
-from .report import TABLE, read_metrics, write_plots
+from .evaluate import HELD_OUT_ROWS, format_metric
+from .report import read_metrics, write_plots
 from .runs import MERGED_CONFIG
 
 MODEL_FILES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")  # weights, configs, tokenizer
@@ -68,10 +69,9 @@ def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: lis
     if after:
         lines += ["## Held-out evaluation", "", f"{summary.get('data', {}).get('eval_pairs', '?')} held-out pairs.", "",
                   "| metric | before | after |", "| --- | --- | --- |"]
-        for label, key, pct in TABLE:
+        for label, key, pct in HELD_OUT_ROWS:
             if key in after:
-                fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
-                lines.append(f"| {label} | {fmt(before[key]) if key in before else '-'} | {fmt(after[key])} |")
+                lines.append(f"| {label} | {format_metric(before.get(key), pct)} | {format_metric(after[key], pct)} |")
         lines.append("")
     train_lines = [m for m in metrics if "loss" in m]
     if train_lines:

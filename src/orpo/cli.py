@@ -19,21 +19,6 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
-def _table(summary: dict) -> str:
-    rows = [("preference accuracy", "rewards/accuracies"), ("task accuracy", "task_accuracy"), ("eval loss", "loss"), ("eval nll", "nll_loss")]
-    before, after = summary.get("before", {}), summary.get("after", {})
-    lines = [f"{'held-out metric':<22}{'before':>10}{'after':>10}{'change':>10}"]
-    for label, key in rows:
-        if key in after:
-            b = before.get(key)
-            a = after[key]
-            pct = key in ("rewards/accuracies", "task_accuracy")
-            fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
-            change = "" if b is None else (f"{100 * (a - b):+.1f} pt" if pct else f"{a - b:+.4f}")
-            lines.append(f"{label:<22}{fmt(b) if b is not None else '-':>10}{fmt(a):>10}{change:>10}")
-    return "\n".join(lines)
-
-
 def cmd_train(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
@@ -41,7 +26,9 @@ def cmd_train(args) -> int:
 
     summary = train(config)
     if "after" in summary:
-        print("\n" + _table(summary))
+        from .assess import table
+
+        print("\n" + table(["before", "after"], [summary.get("before", {}), summary["after"]]))
     print(f"\nrun folder: {config.output_dir}  (summary.json, metrics.jsonl, final/)")
     return 0
 

@@ -12,6 +12,26 @@ from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss, token_
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one process)
 
+# Held-out metrics as tables show them (CLI, report, model card): (label, metric key, shown as a percentage).
+HELD_OUT_ROWS = [
+    ("preference accuracy", "rewards/accuracies", True),
+    ("task accuracy", "task_accuracy", True),
+    ("margin (reward)", "rewards/margins", False),
+    ("log-odds chosen", "log_odds_chosen", False),
+    ("log-odds ratio term", "log_odds_ratio", False),
+    ("loss", "loss", False),
+    ("NLL (chosen)", "nll_loss", False),
+    ("logp chosen / token", "logps/chosen", False),
+    ("logp rejected / token", "logps/rejected", False),
+]
+
+
+def format_metric(value, pct: bool) -> str:
+    """'87.5%' for shares, '0.3388' otherwise, '-' when missing."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
+
 
 def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Naive path: one forward over [chosen; rejected], full logits, per-token log-probs (2B, T-1) in fp32."""

@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+from .evaluate import HELD_OUT_ROWS, format_metric
+
 # (file stem, title, metric keys drawn together); each key is drawn for train and, prefixed eval_, for eval.
 PLOTS = [
     ("loss", "loss", ["loss"]),
@@ -23,14 +25,6 @@ PLOTS = [
     ("margins", "reward margin (chosen - rejected)", ["rewards/margins"]),
     ("accuracies", "preference accuracy", ["rewards/accuracies"]),
     ("learning_rate", "learning rate", ["learning_rate"]),
-]
-TABLE = [
-    ("preference accuracy", "rewards/accuracies", True),
-    ("task accuracy", "task_accuracy", True),
-    ("reward margin", "rewards/margins", False),
-    ("log-odds chosen", "log_odds_chosen", False),
-    ("loss", "loss", False),
-    ("NLL (chosen)", "nll_loss", False),
 ]
 
 
@@ -87,25 +81,19 @@ def write_plots(run_dir: Path) -> dict[str, Path]:
     return written
 
 
-def _fmt(value, pct: bool) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
-
-
 def before_after_html(summary: dict) -> str:
     before, after = summary.get("before", {}), summary.get("after", {})
     if not after and not before:
         return "<p>No held-out evaluation in summary.json.</p>"
     rows = []
-    for label, key, pct in TABLE:
+    for label, key, pct in HELD_OUT_ROWS:
         b, a = before.get(key), after.get(key)
         if b is None and a is None:
             continue
         change = ""
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             change = f"{100 * (a - b):+.1f} pt" if pct else f"{a - b:+.4f}"
-        rows.append(f"<tr><td>{label}</td><td>{_fmt(b, pct)}</td><td>{_fmt(a, pct)}</td><td>{change}</td></tr>")
+        rows.append(f"<tr><td>{label}</td><td>{format_metric(b, pct)}</td><td>{format_metric(a, pct)}</td><td>{change}</td></tr>")
     return "<table><tr><th>held-out metric</th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows) + "</table>"
 
 
