@@ -44,7 +44,7 @@ __all__ = ["DataError", "DataReport", "read_rows", "sample_and_split", "to_messa
 log = logging.getLogger(__name__)
 _SENTINEL = "ORPO_SENTINEL_RESPONSE"
 _CACHE_VERSION = "1"  # bump when tokenize_batch changes what it writes
-_STATS = ("prompt_len", "chosen_len", "rejected_len", "prompt_cut", "response_cut", "boundary_merged")
+STAT_COLUMNS = ("prompt_len", "chosen_len", "rejected_len", "prompt_cut", "response_cut", "boundary_merged")
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -151,9 +151,8 @@ def tokenize_batch(pairs: list[dict[str, list[dict[str, str]]]], tokenizer, spec
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     if spec.bos_id is not None:
         ids = [x if x[:1] == [spec.bos_id] else [spec.bos_id] + x for x in ids]
-    out = [{"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "drop": "empty_response", "prompt_len": 0,
-            "chosen_len": 0, "rejected_len": 0, "prompt_cut": False, "response_cut": False, "boundary_merged": False}
-           for _ in pairs]
+    empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "drop": "empty_response"}
+    out = [{**empty, **{c: 0 if c.endswith("_len") else False for c in STAT_COLUMNS}} for _ in pairs]
     for k, i in enumerate(live):
         out[i] = _split_and_cut(ids[3 * k], ids[3 * k + 1], ids[3 * k + 2], spec)
     return out
@@ -227,7 +226,7 @@ def finish(tokenized, report: DataReport, label: str):
     kept = tokenized.filter(lambda d: not d, input_columns="drop", desc=f"dropping bad {label} pairs")
     if len(kept) == 0:
         raise DataError(f"no {label} pairs left after tokenization (dropped: {json.dumps(report.dropped)})")
-    return kept.remove_columns(["drop", *_STATS])
+    return kept.remove_columns(["drop", *STAT_COLUMNS])
 
 
 def cache_dir(config: Config) -> Path | None:

@@ -27,7 +27,7 @@ import logging
 from typing import Any
 
 from .config import Config
-from .data import Prepared, load_pairs, prepare
+from .data import STAT_COLUMNS, Prepared, load_pairs, prepare
 from .formats import DataError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def overlap_finding(train_rows, eval_rows) -> dict[str, Any]:
 
 def _live(tokens) -> dict[str, list]:
     """Stats columns of the pairs that were tokenized (not empty), as lists."""
-    cols = {c: tokens[c] for c in ("drop", "prompt_len", "chosen_len", "rejected_len", "prompt_cut", "response_cut", "boundary_merged")}
+    cols = {c: tokens[c] for c in ("drop", *STAT_COLUMNS)}
     cols["id"] = tokens["id"] if "id" in tokens.column_names else [str(i) for i in range(len(tokens))]
     keep = [i for i, d in enumerate(cols["drop"]) if d != "empty_response"]
     return {c: [v[i] for i in keep] for c, v in cols.items()}
@@ -136,6 +136,11 @@ def rendered_examples(kept, tokenizer, count: int = 3) -> list[dict[str, str]]:
 
 def diagnose(config: Config, tokenizer, prepared: Prepared) -> dict[str, Any]:
     """The inspect report (a JSON-able dict) of prepared data; also fills prepared.report."""
+    return _diagnose(config, tokenizer, prepared)[0]
+
+
+def _diagnose(config: Config, tokenizer, prepared: Prepared):
+    """(inspect report, kept train pairs, kept eval pairs or None): the drops are applied once, here."""
     eot_id = prepared.spec.end_of_turn_id
     eot = tokenizer.convert_ids_to_tokens(eot_id) if eot_id is not None else None
     findings = text_findings(prepared.train_rows, "train") + token_findings(prepared.train_tokens, "train", eot)
@@ -152,7 +157,7 @@ def diagnose(config: Config, tokenizer, prepared: Prepared) -> dict[str, Any]:
     if prepared.eval_tokens is not None:
         lengths["test"] = length_stats(prepared.eval_tokens, config)
     train, evaluation, _, report = load_pairs(config, tokenizer, prepared)
-    return {
+    result = {
         "rows": {"read": dict(report.read), "formats": dict(report.formats), "train_rows": len(prepared.train_rows),
                  "test_rows": 0 if prepared.eval_rows is None else len(prepared.eval_rows),
                  "kept": {"train": len(train), "test": 0 if evaluation is None else len(evaluation)},
@@ -162,14 +167,14 @@ def diagnose(config: Config, tokenizer, prepared: Prepared) -> dict[str, Any]:
         "errors": sum(f["level"] == "error" for f in findings),
         "warnings": sum(f["level"] == "warning" for f in findings),
         "examples": rendered_examples(train, tokenizer),
-        "_datasets": (train, evaluation),
     }
+    return result, train, evaluation
 
 
 def load_checked(config: Config, tokenizer):
     """load_pairs behind the doctor: warnings go to the log, errors stop the run unless data.allow_errors."""
     prepared = prepare(config, tokenizer)
-    result = diagnose(config, tokenizer, prepared)
+    result, train, evaluation = _diagnose(config, tokenizer, prepared)
     for f in result["findings"]:
         (log.error if f["level"] == "error" else log.warning)("data %s: %s (%d rows, e.g. %s)", f["check"], f["message"], f["count"], ", ".join(map(str, f["examples"][:3])))
     errors = [f for f in result["findings"] if f["level"] == "error"]
@@ -177,7 +182,6 @@ def load_checked(config: Config, tokenizer):
         lines = "\n  ".join(f"{f['check']}: {f['count']} rows, e.g. {', '.join(map(str, f['examples'][:3]))}: {f['message']}" for f in errors)
         raise DataError(f"the data doctor found errors (see `orpo data inspect`; data.allow_errors=true trains anyway):\n  {lines}")
     prepared.report.findings = [{k: v for k, v in f.items() if k != "examples"} for f in result["findings"]]
-    train, evaluation = result["_datasets"]
     return train, evaluation, prepared.eval_raw, prepared.report
 
 
@@ -216,6 +220,5 @@ def run_inspect(config: Config, as_json: bool = False) -> int:
     except DataError as exc:
         print(f"orpo: data error: {exc}")
         return 1
-    result.pop("_datasets")
     print(json.dumps(result, indent=2) if as_json else format_report(result))
     return 1 if result["errors"] else 0
