@@ -18,7 +18,6 @@ from .runs import Target, load, resolve
 log = logging.getLogger(__name__)
 
 
-
 def evaluate_target(target: Target, samples: int = 8, generate: bool = True, harness: dict | None = None) -> dict:
     """Metrics of one target on its config's held-out split, plus up to `samples` generations; with `harness`
     ({tasks, include_path, limit}), lm-evaluation-harness results under "lm_eval"."""

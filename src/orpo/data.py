@@ -260,17 +260,20 @@ def prepare(config: Config, tokenizer) -> Prepared:
     if data.builtin:
         from .builtin.tasks import generate, prompt_messages
 
-        train_raw, eval_raw = generate(data.builtin_train_size, data.builtin_eval_size, seed=data.shuffle_seed)
+        train_raw, eval_raw = (
+            [dict(r, prompt=prompt_messages(r)) for r in rows]
+            for rows in generate(data.builtin_train_size, data.builtin_eval_size, seed=data.shuffle_seed)
+        )
 
         def canon(rows, label):
-            return datasets.Dataset.from_list([dict(to_messages(dict(r, prompt=prompt_messages(r))), id=f"{label}:{i}") for i, r in enumerate(rows)])
+            return datasets.Dataset.from_list([dict(to_messages(r), id=f"{label}:{i}") for i, r in enumerate(rows)])
 
         train_rows = canon(train_raw, "builtin-train").shuffle(seed=data.shuffle_seed)
         if data.num_samples is not None:
             train_rows = train_rows.select(range(min(data.num_samples, len(train_rows))))
         eval_rows = canon(eval_raw, "builtin-eval")
-        eval_raw = datasets.Dataset.from_list([dict(r, prompt=prompt_messages(r)) for r in eval_raw])
         report.read[data.path] = len(train_raw) + len(eval_raw)
+        eval_raw = datasets.Dataset.from_list(eval_raw)
     else:
         train_rows, eval_rows = build_rows(data, report)
         eval_raw = eval_rows

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, MixtureEntry
-from .formats import DataError, canonical
+from .formats import DataError, canonical, detect_format, rename
 
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAMPLES = 5  # example row ids / messages kept per drop reason
@@ -173,8 +173,6 @@ def load_source(entry: MixtureEntry, data: DataConfig, report: DataReport, rng: 
             if isinstance(raw, DataError):
                 raise raw
             if fmt == "auto" and isinstance(raw, dict):  # detect once per source, on its first good row
-                from .formats import detect_format, rename
-
                 fmt = detect_format(rename(raw, entry.columns, where))
             pair = canonical(raw, fmt, where, entry.columns, system_column, data.system_prompt)
         except DataError as exc:
