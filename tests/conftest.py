@@ -44,8 +44,9 @@ def make_tokenizer(chat: bool):
     return fast
 
 
-def make_model_dir(path: Path, chat: bool, seed: int = 0, hidden: int = 32) -> Path:
-    """Save a 2-layer Llama (hidden 32 by default; 4-bit needs multiples of 64) with its tokenizer under path."""
+def make_model_dir(path: Path, chat: bool, seed: int = 0, hidden: int = 32, tied: bool = False) -> Path:
+    """Save a 2-layer Llama (hidden 32 by default; 4-bit needs multiples of 64) with its tokenizer under path;
+    `tied` shares the output layer with the input embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer(chat)
@@ -61,7 +62,7 @@ def make_model_dir(path: Path, chat: bool, seed: int = 0, hidden: int = 32) -> P
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
@@ -79,6 +80,18 @@ def chat_model_dir(tmp_path_factory) -> Path:
 def wide_model_dir(tmp_path_factory) -> Path:
     """Tiny chat model with hidden 64, so bitsandbytes 4-bit blocks (64) fit."""
     return make_model_dir(tmp_path_factory.mktemp("wide_model"), chat=True, hidden=64)
+
+
+@pytest.fixture(scope="session")
+def tied_model_dir(tmp_path_factory) -> Path:
+    """Tiny chat model whose output layer is tied to the input embeddings (as SmolLM2's)."""
+    return make_model_dir(tmp_path_factory.mktemp("tied_model"), chat=True, tied=True)
+
+
+@pytest.fixture(scope="session")
+def tied_base_model_dir(tmp_path_factory) -> Path:
+    """Tiny tied model without a chat template (ChatML set-up on a tied head)."""
+    return make_model_dir(tmp_path_factory.mktemp("tied_base_model"), chat=False, tied=True)
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,15 @@ KEYS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accura
 
 
 def golden_run(work: Path) -> dict[str, list[float]]:
-    """Per-step metrics of a 5-step LoRA run (GA 2, dropout on) on the seeded tiny chat model."""
+    """Per-step metrics of a 5-step LoRA run (GA 2, dropout on) on the seeded tiny chat model, in the plain
+    (reference) layout: dropout draws its masks per token, so the packed layout draws other masks."""
     from orpo.config import load_config
     from orpo.train import train
 
     model_dir = make_model_dir(work / "model", chat=True, seed=0)
     data = write_jsonl(work / "pairs.jsonl", PAIRS * 4)
     out = work / "run"
-    train(load_config(None, tiny_overrides(model_dir, data, out, max_steps=5, gradient_accumulation_steps=2, eval_steps="null")))
+    train(load_config(None, tiny_overrides(model_dir, data, out, max_steps=5, gradient_accumulation_steps=2, eval_steps="null", layout="plain")))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
     return {key: [line[key] for line in steps] for key in KEYS}

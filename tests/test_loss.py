@@ -14,8 +14,9 @@ import torch
 from torch.testing import assert_close
 
 from conftest import PAIRS
-from orpo.data import TokenSpec, collate, end_of_turn_id, to_messages, tokenize_pair
-from orpo.evaluate import forward_logps
+from orpo.data import TokenSpec, end_of_turn_id, to_messages, tokenize_pair
+from orpo.layout import plain_batch
+from orpo.logps import forward_logps
 from orpo.loss import IGNORE, Norm, add_stats, finish_metrics, log1mexp, loss_masks, orpo_loss
 from orpo.train import global_norm
 
@@ -343,11 +344,10 @@ def test_pair_at_the_length_limit_trains(tokenizer, model, keep_end):
     assert pair["prompt_ids"] == (full["prompt_ids"][-12:] if keep_end else full["prompt_ids"][:12])
     assert pair["chosen_ids"] == full["chosen_ids"][:28] and pair["rejected_ids"] == full["rejected_ids"][:28]
     short = tokenize_pair(to_messages(PAIRS[1]), tokenizer, spec)
-    batch = collate([pair, short], tokenizer.pad_token_id)  # (4, 40)
-    assert batch["input_ids"].shape == (4, 40)
+    batch = plain_batch([pair, short], tokenizer.pad_token_id, nll_on_prompt=True)  # (4, 40)
+    assert batch.input_ids.shape == (4, 40)
     logps = forward_logps(model, batch)  # (4, 39)
-    response, nll = loss_masks(batch, nll_on_prompt=True)
-    loss, _ = orpo_loss(logps, response, nll, beta=0.1, norm=global_norm([batch], True, ONE_PROCESS))
+    loss, _ = orpo_loss(logps, batch.response, batch.nll, beta=0.1, norm=global_norm([batch], ONE_PROCESS))
     grads = params_grads(model, loss)
     assert torch.isfinite(loss)
     assert all(bool(torch.isfinite(g).all()) for g in grads)
@@ -375,12 +375,11 @@ def records(tokenizer):
 
 def micro_step(model, records, pad_id, nll_on_prompt, beta, norm=None):
     """Our naive path on one micro-batch: (loss, stats, parameter grads); norm None = its own counts."""
-    batch = collate(records, pad_id)
+    batch = plain_batch(records, pad_id, nll_on_prompt)
     logps = forward_logps(model, batch)  # (2B, T-1)
-    response, nll = loss_masks(batch, nll_on_prompt)
     if norm is None:
-        norm = global_norm([batch], nll_on_prompt, ONE_PROCESS)
-    loss, stats = orpo_loss(logps, response, nll, beta, norm)
+        norm = global_norm([batch], ONE_PROCESS)
+    loss, stats = orpo_loss(logps, batch.response, batch.nll, beta, norm)
     return loss, stats, params_grads(model, loss)
 
 
@@ -391,9 +390,9 @@ def test_accumulation_with_global_norm_equals_one_big_batch(model, tokenizer, re
     means (own counts, averaged over 4) weight each pair's NLL tokens by 1/its own count: a different gradient."""
     pad, beta = tokenizer.pad_token_id, 0.1
     loss_big, stats_big, grads_big = micro_step(model, records, pad, nll_on_prompt, beta)
-    micro = [collate([r], pad) for r in records]
-    norm = global_norm(micro, nll_on_prompt, ONE_PROCESS)
-    assert norm == global_norm([collate(records, pad)], nll_on_prompt, ONE_PROCESS) and norm.pairs == 4
+    micro = [plain_batch([r], pad, nll_on_prompt) for r in records]
+    norm = global_norm(micro, ONE_PROCESS)
+    assert norm == global_norm([plain_batch(records, pad, nll_on_prompt)], ONE_PROCESS) and norm.pairs == 4
     summed, stats, loss_sum = [torch.zeros_like(g) for g in grads_big], None, 0.0
     per_micro = [torch.zeros_like(g) for g in grads_big]
     for r in records:

@@ -33,7 +33,7 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (dequantized to fp32 on load).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 when bf16 is on, float16 when fp16 is on, else float32.")
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(None, description="Attention kernel; null lets transformers choose.")
+    attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2"] | None = Field(None, description="Attention kernel; null lets transformers choose (sdpa where the model has it). The packed layout takes sdpa, eager or flex_attention (block-sparse, CUDA; opt-in).")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository.")
     chat_template: Literal["auto", "chatml", "own"] = Field("auto", description="auto: the model's own template, ChatML set-up when it has none; chatml: always set up ChatML (the reference job); own: require the model's template.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the base weights in 4-bit with bitsandbytes.")
@@ -166,6 +166,9 @@ class Config(_Section):
     bf16: bool = Field(False, description="bfloat16 autocast (mixed precision).")
     fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA only).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Trackers besides metrics.jsonl.")
+    layout: Literal["packed", "plain"] = Field("packed", description="packed: each pair is one sequence prompt|chosen|rejected (the prompt computed once), several pairs per row without padding, log-probs from the hidden states in chunks (no full logits); plain: [chosen; rejected] as padded rows with full logits, the reference. Same loss and metrics either way.")
+    max_tokens_per_batch: int | None = Field(None, ge=16, description="packed: token budget of one forward pass (rows x row length, padding included); the step's pairs are packed into as few passes as fit. null = max_length on a CPU, 2 x batch size x max_length on a GPU. A longer pair gets a pass of its own.")
+    logps_chunk_size: int | None = Field(None, ge=1, description="packed: tokens per chunk through the output layer; the loss's memory is chunk x vocabulary. null = 2^24 / vocabulary size (64 MB of fp32 logits).")
     max_new_tokens: int = Field(16, ge=1, description="Token budget of generations during task evaluation.")
     dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
 
@@ -193,6 +196,8 @@ class Config(_Section):
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length}) to leave room for the response")
         if self.model.load_in_4bit and not self.lora.enabled:
             raise ValueError("model.load_in_4bit needs lora.enabled=true: 4-bit weights cannot be trained directly")
+        if self.layout == "packed" and self.model.attn_implementation == "flash_attention_2":
+            raise ValueError("layout=packed needs an attention kernel that takes a mask: model.attn_implementation sdpa, eager or flex_attention (or layout=plain for flash_attention_2)")
         if self.model.gguf_file and self.model.load_in_4bit:
             raise ValueError("model.gguf_file cannot be combined with model.load_in_4bit")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate
-from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss, token_logps
+from .layout import Layout, pair_length
+from .logps import forward_logps
+from .loss import Norm, add_stats, finish_metrics, orpo_loss
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one process)
 
@@ -33,12 +34,6 @@ def format_metric(value, pct: bool) -> str:
     return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
 
 
-def forward_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Naive path: one forward over [chosen; rejected], full logits, per-token log-probs (2B, T-1) in fp32."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return token_logps(out.logits, batch["input_ids"])  # (2B, T-1)
-
-
 def shard(n: int, rank: int, world: int) -> list[int]:
     """Row indices this process handles."""
     return list(range(rank, n, world))
@@ -50,29 +45,37 @@ def preference_metrics(
     dataset,
     *,
     beta: float,
-    nll_on_prompt: bool,
+    layout: Layout,
     batch_size: int,
-    pad_id: int,
     device: torch.device,
+    chunk: int | None = None,
     rank: int = 0,
     world: int = 1,
     reduce: Reduce = lambda t: t,
     autocast=None,
     show_progress: bool = True,
 ) -> dict[str, float]:
-    """TRL-named ORPO metrics over a whole tokenized dataset, normalised over all of it (exact means)."""
+    """TRL-named ORPO metrics over a whole tokenized dataset, normalised over all of it (exact means).
+
+    Groups of `batch_size` pairs go through `layout`; the packed layout takes them shortest first (sums do
+    not depend on the order), so pairs of similar length share passes.
+    """
     was_training = model.training
     model.eval()
-    rows = shard(len(dataset), rank, world)
+    records = list(dataset.select(shard(len(dataset), rank, world)))
+    if layout.kind == "packed":
+        records.sort(key=pair_length)
     total = None
-    for start in tqdm(range(0, len(rows), batch_size), desc="eval", leave=False, disable=not show_progress):
-        records = dataset.select(rows[start : start + batch_size])
-        batch = {k: v.to(device) for k, v in collate(list(records), pad_id).items()}
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            logps = forward_logps(model, batch)
-        response, nll = loss_masks(batch, nll_on_prompt)
-        _, stats = orpo_loss(logps, response, nll, beta, Norm(1.0, 1.0))
-        total = add_stats(total, stats)
+    with tqdm(total=len(records), desc="eval", unit="pair", leave=False, disable=not show_progress) as bar:
+        for start in range(0, len(records), batch_size):
+            group = records[start : start + batch_size]
+            for batch in layout.batches([group]):
+                batch = batch.to(device)
+                with autocast() if autocast else torch.autocast("cpu", enabled=False):
+                    logps = forward_logps(model, batch, chunk)
+                _, stats = orpo_loss(logps, batch.response, batch.nll, beta, Norm(1.0, 1.0))
+                total = add_stats(total, stats)
+            bar.update(len(group))
     model.train(was_training)
     if total is None:
         raise ValueError("evaluation set is empty")

@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
 from .config import Config, save_config
-from .data import PairSampler, collate
-from .evaluate import forward_logps, preference_metrics, task_accuracy
+from .data import PairSampler
+from .evaluate import preference_metrics, task_accuracy
 from .inspect_data import load_checked
-from .loss import Norm, add_stats, finish_metrics, loss_masks, orpo_loss
+from .layout import Batch, make_layout
+from .logps import check_packed, forward_logps
+from .loss import Norm, add_stats, finish_metrics, orpo_loss
 from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
 from .report import write_report
@@ -31,24 +33,31 @@ from .tracking import MetricsLog, flat_params
 log = logging.getLogger(__name__)
 
 
-def micro_batch_stream(sampler: PairSampler, dataset, pad_id: int, start: int):
-    """Endless (epoch after epoch) collated micro-batches, starting `start` micro-batches in."""
+def micro_batch_stream(sampler: PairSampler, dataset, start: int):
+    """Endless (epoch after epoch) micro-batches of tokenized pairs, starting `start` micro-batches in."""
     per_epoch = sampler.batches_per_epoch()
     epoch, offset = divmod(start, per_epoch)
     while True:
         for indices in sampler.epoch(epoch, offset):
-            yield collate(list(dataset.select(indices)), pad_id)
+            yield list(dataset.select(indices))
         epoch, offset = epoch + 1, 0
 
 
-def global_norm(batches: list[dict[str, torch.Tensor]], nll_on_prompt: bool, accelerator) -> Norm:
-    """NLL-token and pair counts of the whole optimizer step, over micro-batches and processes."""
+def global_norm(batches: list[Batch], accelerator) -> Norm:
+    """NLL-token and pair counts of the whole optimizer step, over forward passes and processes."""
     counts = torch.zeros(2, device=accelerator.device)
     for batch in batches:
-        _, nll = loss_masks(batch, nll_on_prompt)
-        counts += torch.tensor([float(nll.sum()), batch["input_ids"].shape[0] / 2], device=accelerator.device)
+        counts += torch.tensor([float(batch.nll.sum()), float(batch.pairs)], device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum")
     return Norm(nll_tokens=float(counts[0]), pairs=float(counts[1]))
+
+
+def run_layout(config: Config, model, tokenizer, batch_size: int, device):
+    """The config's layout for this model (its attention kernel) and device."""
+    from .logps import causal_lm
+
+    kernel = getattr(causal_lm(model).config, "_attn_implementation", None)
+    return make_layout(config, tokenizer.pad_token_id, batch_size, device, kernel)
 
 
 def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerator, label: str, generate: bool = True) -> dict[str, float]:
@@ -57,10 +66,10 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
         model,
         eval_ds,
         beta=config.beta,
-        nll_on_prompt=config.nll_on_prompt,
+        layout=run_layout(config, model, tokenizer, config.per_device_eval_batch_size, accelerator.device),
         batch_size=config.per_device_eval_batch_size,
-        pad_id=tokenizer.pad_token_id,
         device=accelerator.device,
+        chunk=config.logps_chunk_size,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         reduce=lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"),
@@ -104,6 +113,8 @@ def train(config: Config) -> dict:
     train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer)  # refuses data with errors
     log.info("data: %s", report.as_dict())
     model = load_model(config, tokenizer, new_token_ids)
+    if config.layout == "packed":
+        check_packed(model)  # a model the packed layout cannot serve stops here, before any work
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -129,24 +140,25 @@ def train(config: Config) -> dict:
         summary["before"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "before")
         metrics_log.write(0, {f"eval_{k}": v for k, v in summary["before"].items() if k != "samples"})
 
-    stream = micro_batch_stream(sampler, train_ds, tokenizer.pad_token_id, state.micro_batches)
+    layout = run_layout(config, model, tokenizer, config.per_device_train_batch_size, accelerator.device)
+    log.info("layout: %s (%s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch")
+    stream = micro_batch_stream(sampler, train_ds, state.micro_batches)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
     window, window_tokens, window_start = None, 0, time.perf_counter()
     while state.step < total_steps:
-        batches = [next(stream) for _ in range(config.gradient_accumulation_steps)]
-        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
-        norm = global_norm(batches, config.nll_on_prompt, accelerator)
+        groups = [next(stream) for _ in range(config.gradient_accumulation_steps)]  # the step's pairs, sampler order
+        batches = [b.to(accelerator.device) for b in layout.batches(groups)]  # forward passes
+        norm = global_norm(batches, accelerator)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-                logps = forward_logps(model, batch)  # (2B, T-1)
-                response, nll = loss_masks(batch, config.nll_on_prompt)
-                loss, stats = orpo_loss(logps, response, nll, config.beta, norm)
+                logps = forward_logps(model, batch, config.logps_chunk_size)  # (2b, W)
+                loss, stats = orpo_loss(logps, batch.response, batch.nll, config.beta, norm)
             # DDP averages gradients over processes; the loss is already a global mean, so undo that average.
             accelerator.backward(loss * accelerator.num_processes)
             window = add_stats(window, stats)
-            window_tokens += int(batch["attention_mask"].sum())
+            window_tokens += batch.tokens
         grad_norm = None
         if config.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -154,7 +166,7 @@ def train(config: Config) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.micro_batches += len(batches)
+        state.micro_batches += len(groups)
         state.tokens += window_tokens
         bar.update(1)
 
