@@ -22,7 +22,7 @@ from orpo.train import train
 TRAIN_KEYS = {
     "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
     "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate",
-    "grad_norm", "tokens_per_second",
+    "grad_norm", "tokens_per_second", "seconds_per_step",
 }
 
 
@@ -102,7 +102,7 @@ def test_packed_and_plain_runs_log_the_same_numbers(chat_model_dir, pairs_file, 
     assert [m["step"] for m in plain] == [m["step"] for m in packed] and len(plain) == 6
     for a, b in zip(plain, packed, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"tokens_per_second", "step"}:
+        for key in a.keys() - {"tokens_per_second", "seconds_per_step", "step"}:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     name = "adapter_model.safetensors" if not extra else "model.safetensors"
     a, b = load_file(plain_out / "final" / name), load_file(packed_out / "final" / name)

@@ -145,7 +145,7 @@ def train(config: Config) -> dict:
     stream = micro_batch_stream(sampler, train_ds, state.micro_batches)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
-    window, window_tokens, window_start = None, 0, time.perf_counter()
+    window, window_tokens, window_steps, window_start = None, 0, 0, time.perf_counter()
     while state.step < total_steps:
         groups = [next(stream) for _ in range(config.gradient_accumulation_steps)]  # the step's pairs, sampler order
         batches = [b.to(accelerator.device) for b in layout.batches(groups)]  # forward passes
@@ -158,7 +158,6 @@ def train(config: Config) -> dict:
             # DDP averages gradients over processes; the loss is already a global mean, so undo that average.
             accelerator.backward(loss * accelerator.num_processes)
             window = add_stats(window, stats)
-            window_tokens += batch.tokens
         grad_norm = None
         if config.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -167,7 +166,9 @@ def train(config: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.micro_batches += len(groups)
-        state.tokens += window_tokens
+        step_tokens = sum(b.tokens for b in batches)
+        state.tokens += step_tokens
+        window_tokens, window_steps = window_tokens + step_tokens, window_steps + 1
         bar.update(1)
 
         if state.step % config.logging_steps == 0 or state.step == total_steps:
@@ -178,10 +179,11 @@ def train(config: Config) -> dict:
                 grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),  # sync point
                 epoch=state.micro_batches / sampler.batches_per_epoch(),
                 tokens_per_second=window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
+                seconds_per_step=elapsed / window_steps,
             )
             metrics_log.write(state.step, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
-            window, window_tokens = None, 0
+            window, window_tokens, window_steps = None, 0, 0
         if eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
             metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}", generate=False)
             metrics_log.write(state.step, {f"eval_{k}": v for k, v in metrics.items() if k != "samples"})
