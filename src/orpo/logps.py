@@ -168,7 +168,7 @@ class _HeadLogps(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             grad = _dlogp_dlogits(logits, capped, target[sl], lse).mul_(g[sl, None])  # (c, V)
             if grad_delta is not None:
-                grad_delta += grad[:, rows].T @ h.float()
+                grad_delta.addmm_(grad[:, rows].T, h.float())
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
             if rows is not None:
@@ -178,7 +178,7 @@ class _HeadLogps(torch.autograd.Function):
                 gh = grad.to(dtype) @ w  # (c, H)
                 grad_hidden[sl] = (gh + dh_rows if rows is not None else gh).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad.T @ h.float()  # (V, H)
+                grad_weight.addmm_(grad.T, h.float())  # (V, H), accumulated in place
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
@@ -196,6 +196,8 @@ def default_chunk(vocab: int) -> int:
 def head_logps(hidden: torch.Tensor, head: Head, target: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """log P(target) (N,) fp32 from final hidden states (N, H), `chunk` tokens at a time (None = default)."""
     chunk = chunk or default_chunk(head.vocab)
+    pieces = -(-hidden.shape[0] // chunk)
+    chunk = max(1, -(-hidden.shape[0] // max(pieces, 1)))  # as many chunks, evenly sized (no tiny last one)
     dtype = _compute_dtype(hidden, head.weight)
     trained = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
     mode = "recompute" if trained else "frozen"
