@@ -15,6 +15,24 @@ def test_defaults_are_the_demo():
     assert cfg.beta == 0.1 and cfg.lora.enabled and cfg.lora.target_modules == "all-linear"
 
 
+def test_the_fast_path_is_the_default_and_its_budget_follows_the_device():
+    """layout=packed unless asked; the pass budget defaults to max_length on a CPU and to a full plain
+    micro-batch (2 x batch x max_length) on a GPU; flex_attention packs one row per pass."""
+    import torch
+
+    from orpo.layout import make_layout
+
+    cfg = load_config(None, ["max_length=512", "max_prompt_length=256", "per_device_train_batch_size=2"])
+    assert cfg.layout == "packed" and cfg.max_tokens_per_batch is None and cfg.logps_chunk_size is None
+    cpu = make_layout(cfg, 0, 2, torch.device("cpu"), "sdpa")
+    assert (cpu.kind, cpu.max_tokens, cpu.one_row) == ("packed", 512, False)
+    assert make_layout(cfg, 0, 2, torch.device("cuda"), "sdpa").max_tokens == 2048
+    assert make_layout(cfg, 0, 2, torch.device("cuda"), "flex_attention").one_row
+    set_budget = load_config(None, ["max_tokens_per_batch=3000", "layout=plain"])
+    assert make_layout(set_budget, 0, 2, torch.device("cpu"), "sdpa").max_tokens == 3000
+    assert make_layout(set_budget, 0, 2, torch.device("cpu"), "sdpa").kind == "plain"
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"beta": 0.2, "lora": {"r": 8}, "report_to": "none"}))
@@ -58,6 +76,9 @@ def test_saved_config_round_trips(tmp_path):
         (["lora.dropout=1.0"], ["lora.dropout"]),
         (["data.truncation_mode=middle"], ["data.truncation_mode", "keep_end"]),
         (["model=3"], ["model", "3"]),
+        (["layout=padded"], ["layout", "'padded'", "packed", "plain"]),
+        (["max_tokens_per_batch=8"], ["max_tokens_per_batch", "8"]),
+        (["logps_chunk_size=0"], ["logps_chunk_size", "0"]),
     ],
 )
 def test_invalid_configs(overrides, fragments):

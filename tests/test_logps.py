@@ -281,3 +281,22 @@ def test_packed_batch_row_order_is_the_grid_order(chat_model_dir):
         b = forward_logps(model, packed_batch([[records[2]], [records[1], records[0]]], tokenizer.pad_token_id, True))
     w = min(a.shape[1], b.shape[1])
     assert_close(a[0, :w], b[2, :w], rtol=1e-5, atol=1e-6) and assert_close(a[3, :w], b[5, :w], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_matches_plain_under_bf16_autocast(chat_model_dir):
+    """bf16 autocast (matmuls in bf16, log-softmax and the loss in fp32): the layouts agree to bf16 precision,
+    and the packed log-probs really differ from fp32 ones (the autocast reached the chunked head)."""
+    model, tokenizer = build(chat_model_dir)
+    groups, pad = groups_of(tokenized(tokenizer), 2), tokenizer.pad_token_id
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = run_step(model, groups, Layout("plain", pad, True, 0))
+        packed = run_step(model, groups, Layout("packed", pad, True, 40))
+    fp32 = run_step(model, groups, Layout("packed", pad, True, 40))
+    assert_close(torch.tensor(packed[3]), torch.tensor(plain[3]), rtol=0, atol=5e-2)
+    assert (torch.tensor(packed[3]) - torch.tensor(fp32[3])).abs().max() > 1e-4
+    assert packed[0] == pytest.approx(plain[0], rel=2e-2)
+    for key in ("nll_loss", "logps/chosen", "logps/rejected", "log_odds_chosen"):
+        assert packed[1][key] == pytest.approx(plain[1][key], rel=5e-2, abs=5e-2), key
+    scale = max(float(g.abs().max()) for g in plain[2].values())
+    for name, want in plain[2].items():
+        assert_close(packed[2][name], want, rtol=0, atol=5e-2 * scale, msg=name)

@@ -101,17 +101,26 @@ def _chunk_logits(h, weight, bias, rows, delta, softcap):
         raw += bias.float()
     if softcap is None:
         return raw, None
-    capped = torch.tanh(raw / softcap)  # (c, V)
+    capped = raw.div_(softcap).tanh_()  # (c, V) in place over raw
     return capped * softcap, capped
 
 
-def _dlogp_dlogits(logits, capped, target, lse):
-    """d log p(y) / d raw logits (c, V), in place over `logits`: onehot(y) - softmax, softcap chain rule."""
-    grad = logits.sub_(lse[:, None]).exp_().neg_()  # (c, V) -softmax
-    grad[torch.arange(grad.shape[0], device=grad.device), target] += 1.0
+def _logp_and_grad(logits, capped, target, grad: bool):
+    """log p(target) (c,) of fp32 logits (c, V); with `grad`, also d log p / d raw logits (c, V) = onehot -
+    softmax (times the softcap's derivative). Works in place over `logits`: one (c, V) buffer per chunk."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    picked = logits[rows, target]  # (c,)
+    top = logits.amax(dim=-1)  # (c,)
+    weights = logits.sub_(top[:, None]).exp_()  # (c, V) e^(logit - max), in place
+    total = weights.sum(dim=-1)  # (c,)
+    logp = picked - top - total.log()  # (c,) logit - logsumexp
+    if not grad:
+        return logp, None
+    d = weights.div_(total[:, None]).neg_()  # (c, V) -softmax
+    d[rows, target] += 1.0
     if capped is not None:
-        grad *= 1.0 - capped * capped
-    return grad
+        d *= 1.0 - capped * capped
+    return logp, d
 
 
 class _HeadLogps(torch.autograd.Function):
@@ -129,10 +138,8 @@ class _HeadLogps(torch.autograd.Function):
             sl = slice(start, start + chunk)
             h = hidden[sl].to(dtype)  # (c, H)
             logits, capped = _chunk_logits(h, w, bias, rows, d, softcap)  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            out[sl] = logits.gather(1, target[sl, None]).squeeze(1) - lse
+            out[sl], grad = _logp_and_grad(logits, capped, target[sl], keep_grad)  # (c,), (c, V)
             if keep_grad:
-                grad = _dlogp_dlogits(logits, capped, target[sl], lse)  # (c, V)
                 g = grad.to(dtype)
                 dh_chunk = g @ w  # (c, H)
                 if rows is not None:  # the trained rows' weights are delta, not W
@@ -165,8 +172,7 @@ class _HeadLogps(torch.autograd.Function):
             sl = slice(start, start + ctx.chunk)
             h = hidden[sl].to(dtype)  # (c, H)
             logits, capped = _chunk_logits(h, w, bias, rows, d, ctx.softcap)  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            grad = _dlogp_dlogits(logits, capped, target[sl], lse).mul_(g[sl, None])  # (c, V)
+            grad = _logp_and_grad(logits, capped, target[sl], True)[1].mul_(g[sl, None])  # (c, V)
             if grad_delta is not None:
                 grad_delta.addmm_(grad[:, rows].T, h.float())
             if grad_bias is not None:
