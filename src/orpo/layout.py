@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .config import Config
 from .data import collate
 from .loss import loss_masks
 
@@ -193,7 +194,7 @@ class Layout:
         return [packed_batch([[records[i] for i in row] for row in rows], self.pad_id, self.nll_on_prompt) for rows in plan]
 
 
-def make_layout(config, pad_id: int, batch_size: int, device: torch.device, kernel: str | None) -> Layout:
+def make_layout(config: Config, pad_id: int, batch_size: int, device: torch.device, kernel: str | None) -> Layout:
     """The run's layout for passes of `batch_size` pairs per micro-batch on `device` with attention `kernel`.
 
     The default budget keeps a pass small on a CPU, where matmuls are already efficient at a few hundred

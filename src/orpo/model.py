@@ -9,6 +9,7 @@ import torch
 
 from .builtin.model import builtin_model_dir
 from .config import BUILTIN, Config
+from .lora_dropout import fuse_lora_dropout
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int]):
         task_type="CAUSAL_LM",
         trainable_token_indices=new_token_rows(model, new_token_ids) or None,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    fuse_lora_dropout(model)  # same dropout, drawn faster, one bool mask kept instead of two fp32 copies
+    return model
 
 
 def new_token_rows(model, new_token_ids: list[int]) -> dict[str, list[int]]:

@@ -23,7 +23,7 @@ from .data import PairSampler
 from .evaluate import preference_metrics, task_accuracy
 from .inspect_data import load_checked
 from .layout import Batch, make_layout
-from .logps import check_packed, forward_logps
+from .logps import causal_lm, check_packed, forward_logps
 from .loss import Norm, add_stats, finish_metrics, orpo_loss
 from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
@@ -54,8 +54,6 @@ def global_norm(batches: list[Batch], accelerator) -> Norm:
 
 def run_layout(config: Config, model, tokenizer, batch_size: int, device):
     """The config's layout for this model (its attention kernel) and device."""
-    from .logps import causal_lm
-
     kernel = getattr(causal_lm(model).config, "_attn_implementation", None)
     return make_layout(config, tokenizer.pad_token_id, batch_size, device, kernel)
 

@@ -1,0 +1,97 @@
+"""LoRA's input dropout fused into the A projection: one bool mask kept for backward, random bits drawn 64 at a time.
+
+peft computes `lora_B(lora_A(dropout(x)))` for every adapted layer. `nn.Dropout` on CPU draws one Bernoulli per
+element (one call of the generator each, the slowest operator of a LoRA step after the matmuls), and autograd
+keeps two fp32 tensors of the input's size per layer: the noise (for the multiply) and the dropped input (for
+lora_A's weight gradient). q, k and v each keep their own pair for the same input.
+
+`fuse_lora_dropout(model)` swaps each such `lora_A` (an nn.Linear) for a `DropoutLinear` holding the same weight
+(state dict, saving, merging unchanged) and the dropout for an identity. Its autograd function keeps a reference
+to the input (shared by the layers that read it, and often kept alive anyway) and the keep mask as one bool per
+element; the dropped input is rebuilt in backward. The mask comes from 16-bit lanes of random int64 words: an
+element is dropped when its lane falls under round(p * 65536), so p is rounded to a multiple of 1/65536
+(0.05 -> 0.0500031) and kept elements are scaled by 1 / (1 - that p), which keeps the layer's expectation exact.
+In eval mode (and with p = 0) the layer is the plain linear map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LANES = 1 << 16  # values of one 16-bit lane
+
+
+def drop_threshold(p: float) -> int:
+    """Lanes (signed int16) below this value are dropped: round(p * 65536) of the 65536 values."""
+    return -(LANES // 2) + round(p * LANES)
+
+
+def effective_p(p: float) -> float:
+    return round(p * LANES) / LANES
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Bool tensor of `shape`, each element True with probability 1 - effective_p(p), from the torch generator."""
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # 4 lanes a word
+    return words.view(torch.int16)[:n].view(shape) >= drop_threshold(p)
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """y = (x * keep / (1 - p)) @ W^T, saving x and the bool mask instead of two fp32 copies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p):  # x (..., in), weight (out, in)
+        keep = keep_mask(x.shape, p, x.device)
+        scale = 1.0 / (1.0 - effective_p(p))
+        y = F.linear(x * keep * scale, weight)  # under autocast the matmul runs in the autocast dtype
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, keep = ctx.saved_tensors
+        compute = grad_y.dtype  # the forward's matmul dtype (autocast or not); backward runs in it too
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y @ weight.to(compute)).mul_(keep).mul_(ctx.scale).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = (x.to(compute) * keep).mul_(ctx.scale)
+            grad_weight = (grad_y.reshape(-1, grad_y.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
+        return grad_x, grad_weight, None
+
+
+class DropoutLinear(nn.Linear):
+    """lora_A with its input dropout inside; `p` is set by fuse_lora_dropout. No bias (LoRA's A has none)."""
+
+    p: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return F.linear(x, self.weight)
+        return _DropoutLinear.apply(x, self.weight, self.p)
+
+
+def fuse_lora_dropout(model: nn.Module) -> int:
+    """Fuse every plain LoRA adapter's dropout into its A projection; returns how many were fused.
+    Adapters with a variant (DoRA, ...), a bias on A, or an A that is not exactly nn.Linear keep peft's path."""
+    fused = 0
+    for module in model.modules():
+        dropouts, lora_a = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(dropouts, nn.ModuleDict) or not isinstance(lora_a, nn.ModuleDict):
+            continue
+        variants = getattr(module, "lora_variant", {}) or {}
+        for name, dropout in list(dropouts.items()):
+            a = lora_a[name] if name in lora_a else None
+            if not isinstance(dropout, nn.Dropout) or dropout.p == 0.0 or name in variants:
+                continue
+            if type(a) is not nn.Linear or a.bias is not None:
+                continue
+            a.__class__ = DropoutLinear
+            a.p = float(dropout.p)
+            dropouts[name] = nn.Identity()
+            fused += 1
+    return fused
