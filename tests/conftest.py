@@ -137,6 +137,14 @@ def tiny_overrides(model_dir: Path, data_file: Path, out: Path, **extra) -> list
         "learning_rate": 1e-3,
         "lora.r": 4,
         "lora.alpha": 8,
+        # the demo's choices where they differ from the (TRL) package defaults: fast, evaluated before and during
+        "warmup_ratio": 0.1,
+        "optim": "adamw_torch",
+        "gradient_checkpointing": False,
+        "eval_steps": 0.5,
+        "eval_on_start": True,
+        "save_steps": "null",
+        "save_total_limit": 2,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]

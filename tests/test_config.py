@@ -9,10 +9,62 @@ from orpo.cli import main
 from orpo.config import Config, ConfigError, describe_keys, load_config, save_config
 
 
-def test_defaults_are_the_demo():
+def test_defaults_are_trls_and_the_demo_has_its_own_preset(monkeypatch, tmp_path):
+    """Every key orpo shares with TRL 1.16's ORPOConfig has TRL's default (learning_rate 1e-6, not the demo's
+    1e-3); `orpo train` without a config file uses the demo preset, with a file the defaults."""
+    import dataclasses
+
+    from trl.experimental.orpo import ORPOConfig
+
+    import orpo.train
+
     cfg = load_config()
     assert cfg.model.name_or_path == "builtin" and cfg.data.path == "builtin"
     assert cfg.beta == 0.1 and cfg.lora.enabled and cfg.lora.target_modules == "all-linear"
+    trl = {f.name: f.default for f in dataclasses.fields(ORPOConfig) if f.default is not dataclasses.MISSING}
+    shared = sorted(set(trl) & set(Config.model_fields) - {"output_dir", "report_to", "bf16", "resume_from_checkpoint"})
+    assert len(shared) >= 20
+    assert {k: getattr(cfg, k) for k in shared} == {k: trl[k] for k in shared}
+    assert cfg.learning_rate == 1e-6 and cfg.num_train_epochs == 3.0 and cfg.optim == "adamw_torch_fused"
+    assert cfg.report_to == [] and cfg.bf16 is False  # TRL's bf16=None: on only where a GPU has it
+
+    seen = []
+    monkeypatch.setattr(orpo.train, "train", lambda config: seen.append(config) or {})
+    assert main(["train", "max_steps=2"]) == 0
+    (tmp_path / "mine.yaml").write_text("output_dir: somewhere\n")
+    assert main(["train", str(tmp_path / "mine.yaml"), "max_steps=2"]) == 0
+    demo, mine = seen
+    assert demo.learning_rate == 1e-3 and demo.max_steps == 2 and demo.eval_on_start
+    assert mine.learning_rate == 1e-6 and mine.output_dir == "somewhere"
+
+
+def test_a_trl_config_ports_over(tmp_path, capsys):
+    """A TRL ORPO training config: its keys with a meaning here are taken (strategies mapped), the Hub keys get
+    one line each naming the command to use instead; without them it loads."""
+    trl_style = {
+        "output_dir": "orpo-llama3", "overwrite_output_dir": True, "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 4, "learning_rate": 8e-6, "beta": 0.1,
+        "lr_scheduler_type": "linear", "max_length": 1024, "max_prompt_length": 512, "max_completion_length": 512,
+        "num_train_epochs": 1, "eval_strategy": "steps", "eval_steps": 0.2, "save_strategy": "no", "logging_steps": 1,
+        "logging_strategy": "steps", "warmup_steps": 10, "report_to": "none", "optim": "paged_adamw_8bit",
+        "gradient_checkpointing": True, "bf16": False, "seed": 42, "remove_unused_columns": False,
+        "hub_model_id": "me/orpo-llama3", "push_to_hub": True, "dataloader_num_workers": 4,
+    }
+    path = tmp_path / "trl.yaml"
+    path.write_text(yaml.safe_dump(trl_style))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    for key in ("hub_model_id", "push_to_hub", "remove_unused_columns", "dataloader_num_workers"):
+        assert f"  {key} (a TRL key) has no meaning in orpo: " in err
+    assert "orpo push OUTPUT_DIR --repo USER/NAME" in err and "max_completion_length" not in err
+    for key in ("hub_model_id", "push_to_hub", "remove_unused_columns", "dataloader_num_workers"):
+        del trl_style[key]
+    path.write_text(yaml.safe_dump(trl_style))
+    cfg = load_config(path)
+    assert (cfg.learning_rate, cfg.eval_steps, cfg.save_steps, cfg.overwrite_output_dir, cfg.optim) == (8e-6, 0.2, None, True, "paged_adamw_8bit")
+    with pytest.raises(ConfigError, match="eval_strategy: 'epoch' has no equivalent here; use eval_steps"):
+        load_config(path, ["eval_strategy=epoch"])
+    assert load_config(path, ["eval_strategy=no", "eval_steps=null"]).eval_steps is None
 
 
 def test_the_fast_path_is_the_default_and_its_budget_follows_the_device():
@@ -71,7 +123,7 @@ def test_saved_config_round_trips(tmp_path):
         (["max_steps=0"], ["max_steps", "0"]),
         (["eval_steps=1.5"], ["eval_steps", "1.5", "fraction"]),
         (["eval_steps=0"], ["eval_steps", "0"]),
-        (["data.path=x.jsonl", "data.test_size=0"], ["no evaluation data"]),
+        (["data.path=x.jsonl", "data.test_size=0", "eval_on_start=true"], ["no evaluation data"]),
         (["warmup_ratio=2"], ["warmup_ratio", "2"]),
         (["lora.dropout=1.0"], ["lora.dropout"]),
         (["data.truncation_mode=middle"], ["data.truncation_mode", "keep_end"]),
@@ -145,4 +197,63 @@ def test_shipped_configs_and_recipes_validate():
     assert len(files) >= 3
     for path in files:
         load_config(path)
-    assert load_config(root / "configs" / "demo.yaml").model_dump(exclude={"output_dir"}) == load_config().model_dump(exclude={"output_dir"})
+    from orpo.config import DEMO
+
+    assert load_config(root / "configs" / "demo.yaml") == load_config(None, preset=DEMO)
+
+
+def test_a_duplicate_key_and_non_utf8_bytes_name_their_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: 0.1\nlora:\n  r: 8\n  r: 16\n")
+    with pytest.raises(ConfigError, match="c.yaml: line 4: key 'r' appears twice in the same section"):
+        load_config(path)
+    path.write_bytes(b"beta: 0.1\noutput_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match="c.yaml: line 2 is not UTF-8 text"):
+        load_config(path)
+
+
+def _fuzz_values():
+    from hypothesis import strategies as st
+
+    return st.one_of(st.none(), st.booleans(), st.integers(-10**9, 10**9), st.floats(allow_nan=True, allow_infinity=True),
+                     st.text(max_size=12), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+def test_fuzz_config_files_fail_in_one_line_and_write_nothing(tmp_path_factory):
+    """Config files with one random key (a real one or not) set to a random value: either a valid config, or
+    `orpo train FILE` exits 2 with one line naming the file and the key, no traceback, nothing written."""
+    import contextlib
+    import io
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    keys = [k for k, _, _ in describe_keys()]
+    names = st.one_of(st.sampled_from(keys), st.from_regex(r"[a-z_]{1,10}(\.[a-z_]{1,8})?", fullmatch=True))
+
+    @given(key=names, value=_fuzz_values())
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(key, value):
+        folder = tmp_path_factory.mktemp("fuzz")
+        tree: dict = {}
+        node = tree
+        *sections, last = key.split(".")
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[last] = value
+        path = folder / "c.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        try:
+            load_config(path)
+            return  # a valid config: nothing to refuse
+        except ConfigError:
+            pass
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["train", str(path)])
+        lines = err.getvalue().strip().splitlines()
+        assert code == 2 and len(lines) == 1, lines
+        assert str(path) in lines[0] and (last in lines[0] or sections[0] in lines[0]), lines
+        assert "Traceback" not in err.getvalue() and [p.name for p in folder.iterdir()] == ["c.yaml"]
+
+    check()

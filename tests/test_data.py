@@ -20,6 +20,7 @@ from orpo.data import (
     sample_and_split,
     to_messages,
     token_spec,
+    tokenize_batch,
     tokenize_pair,
 )
 from orpo.loss import IGNORE
@@ -232,3 +233,94 @@ def test_dataset_folders_and_hub_names(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or "hub rows")
     assert read_rows("mlabonne/orpo-dpo-mix-40k", None, "train") == "hub rows"
     assert calls == [(("mlabonne/orpo-dpo-mix-40k", None), {"split": "train"})]
+
+
+def test_a_folder_is_read_whole_or_refused_with_a_list(tmp_path):
+    """Every file of a folder is read (two .jsonl parts: all rows); files of several kinds are refused with the
+    list; a folder with no data files is named (not 'No task.toml or instruction.md files found')."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", PAIRS)
+    write_jsonl(folder / "part-1.jsonl", PAIRS[:2])
+    (folder / "notes.md").write_text("not data")
+    assert len(read_rows(str(folder))) == len(PAIRS) + 2
+    pd.DataFrame(PAIRS).to_csv(folder / "extra.csv", index=False)
+    pd.DataFrame(PAIRS).to_parquet(folder / "extra.parquet")
+    with pytest.raises(DataError, match=r"holds data files of several kinds \(csv: extra.csv; json: part-0.jsonl, part-1.jsonl; parquet: extra.parquet\)"):
+        read_rows(str(folder))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'nothing'}: no data files in this folder"):
+        read_rows(str(tmp_path / "nothing"))
+
+
+def test_fuzz_data_rows_fail_in_one_line_and_write_nothing(chat_model_dir, tmp_path_factory):
+    """Good rows plus one row with a random field broken (null, a number, a list of junk, a missing field...):
+    either the row is acceptable, or `orpo train` exits non-zero, its last line naming the file and the row's
+    line and field, no traceback, nothing written to output_dir."""
+    import contextlib
+    import io
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from conftest import tiny_overrides
+    from orpo.cli import main
+
+    junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=6),
+                     st.lists(st.one_of(st.integers(), st.text(max_size=3), st.dictionaries(st.sampled_from(["role", "content", "x"]), st.one_of(st.text(max_size=5), st.integers(), st.none()), max_size=3)), max_size=3),
+                     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+    @given(field=st.sampled_from(["prompt", "chosen", "rejected"]), value=junk, missing=st.booleans(), at=st.integers(0, 11))
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(field, value, missing, at):
+        folder = tmp_path_factory.mktemp("rows")
+        rows = [dict(p) for p in PAIRS * 2]
+        if missing:
+            del rows[at][field]
+        else:
+            rows[at][field] = value
+        data = write_jsonl(folder / "pairs.jsonl", rows)
+        out = folder / "run"
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["train", *tiny_overrides(chat_model_dir, data, out, max_steps=1, eval_on_start=False, eval_steps="null")])
+        if code == 0:
+            return  # an acceptable row (e.g. a string where a string goes)
+        last = err.getvalue().strip().splitlines()[-1]
+        assert code in (1, 2) and last.startswith("orpo: ") and "Traceback" not in err.getvalue()
+        assert f"pairs.jsonl line {at + 1}" in last and field in last, last
+        assert not out.exists()
+
+    check()
+
+
+def test_a_huge_row_is_cut_before_tokenizing(tok, monkeypatch):
+    """A 20 MB response: the tokenizer never sees more than max_length x 256 characters of it, and the kept ids
+    equal those of the uncut text's start."""
+    spec = spec_for(tok, 64, 32)
+    huge = "The answer is 5. " * 1_200_000
+    pair = {"prompt": [{"role": "user", "content": "Add 2 and 3."}], "chosen": [{"role": "assistant", "content": huge}],
+            "rejected": [{"role": "assistant", "content": "The answer is 6."}]}
+    seen = []
+    original = type(tok).__call__
+
+    def spy(self, texts, *args, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    [row] = tokenize_batch([pair], tok, spec)
+    assert max(seen) < 64 * 256 + 200 and row["response_cut"]
+    small = dict(pair, chosen=[{"role": "assistant", "content": huge[:5000]}])
+    assert row["chosen_ids"] == tokenize_batch([small], tok, spec)[0]["chosen_ids"]
+
+
+def test_broken_csv_quoting_and_null_fields_are_named(tmp_path):
+    bad = tmp_path / "pairs.csv"
+    bad.write_text('prompt,chosen,rejected\n"Add 2 and 3.","5","6"\n"Hello,"fine,"bad\n')
+    with pytest.raises(DataError, match=r"pairs.csv: could not be read as csv: a quoted field is never closed"):
+        read_rows(str(bad))
+    from orpo.formats import canonical
+
+    with pytest.raises(DataError, match="line 2: field 'chosen' is null"):
+        canonical({"prompt": "Hi", "chosen": None, "rejected": "x"}, "auto", "pairs.jsonl line 2")

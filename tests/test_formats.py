@@ -96,7 +96,7 @@ def test_bad_lines_raise_or_are_skipped_and_counted(tmp_path):
     report = DataReport()
     train, test = build_rows(data_config(path, "data.on_bad_rows=skip"), report)
     assert len(train) + len(test) == 4 and report.read[str(path)] == 6
-    assert report.dropped == {"read/bad_row": 2} and report.examples["read/bad_row"] == ["bad:1", "bad:2"]
+    assert report.dropped == {"read/bad_row": 2} and report.examples["read/bad_row"] == ["bad:2", "bad:3"]  # ids are 1-based line numbers
     assert "line 3: missing field 'rejected'" in report.bad_rows[1]
 
 

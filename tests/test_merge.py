@@ -56,7 +56,7 @@ def test_merge_fails_loudly_when_the_weights_do_not_match(chatml_run, tmp_path, 
 
 def test_merge_needs_a_run(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 1
-    assert "not a run folder" in capsys.readouterr().err
+    assert "is not a model folder (no config.json), a run folder (config.yaml + final/)" in capsys.readouterr().err
 
 
 def test_qlora_run_merges_into_a_16_bit_base(wide_model_dir, tmp_path, capsys):
@@ -72,3 +72,24 @@ def test_qlora_run_merges_into_a_16_bit_base(wide_model_dir, tmp_path, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.float16 and not any("4bit" in type(m).__name__ for m in model.modules())
+
+
+def test_bf16_merge_rounds_each_weight_once(chatml_run, tmp_path, capsys):
+    """Every merged bf16 weight is the fp32 merge rounded once to bf16 (merging in bf16 would round the fp32
+    base, then the sum), and the check states its tolerance: 4 x bf16 eps = 2^-5 of the largest logit."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from orpo.model import load_base, load_tokenizer
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(chatml_run), "--dtype", "bf16", "--out", str(out)]) == 0
+    assert "= 0.03125 x max |logit|" in capsys.readouterr().out
+    config = load_config(chatml_run / "config.yaml")
+    tokenizer, new_ids = load_tokenizer(config)
+    base = load_base(config, tokenizer, new_ids, dtype=torch.float32, quantized=False)
+    want = PeftModel.from_pretrained(base, chatml_run / "final").merge_and_unload().to(torch.bfloat16).state_dict()
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() <= want.keys()
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name]), name

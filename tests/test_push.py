@@ -90,3 +90,38 @@ def test_push_of_a_merged_model(tiny_run, tmp_path):
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "plots/loss.png"} <= {
         str(p.relative_to(dry)) for p in dry.rglob("*") if p.is_file()}
     assert front_matter((dry / "README.md").read_text())["library_name"] == "transformers"
+
+
+def test_push_uploads_only_regular_files_inside_the_folder(tiny_run, tmp_path):
+    """A link in final/ to a file outside (or to a file inside) is not staged; nothing outside is read."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secrets.json").write_text('{"password": "hunter2"}')
+    (run / "final" / "secrets.json").symlink_to(outside / "secrets.json")
+    (run / "final" / "vocab.txt").symlink_to(run / "final" / "tokenizer.json")
+    dry = tmp_path / "dry"
+    assert main(["push", str(run), "--repo", "me/tiny", "--dry-run", str(dry)]) == 0
+    staged = {str(p.relative_to(dry)) for p in dry.rglob("*") if p.is_file()}
+    assert "secrets.json" not in staged and "vocab.txt" not in staged and ADAPTER_FILES <= staged
+
+
+def test_a_merged_models_run_dir_cannot_point_elsewhere(tiny_run, tmp_path):
+    """orpo_merge.json's run_dir is used only when it is the run the merged model came from: pointed at another
+    folder, nothing is read from it and nothing written into it."""
+    import json
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(tiny_run), "--dtype", "fp32", "--out", str(merged)]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "final").mkdir(parents=True)
+    (elsewhere / "config.yaml").write_text("beta: 0.5\n")
+    (elsewhere / "metrics.jsonl").write_text((tiny_run / "metrics.jsonl").read_text())
+    info = json.loads((merged / "orpo_merge.json").read_text())
+    (merged / "orpo_merge.json").write_text(json.dumps({**info, "run_dir": str(elsewhere)}))
+    dry = tmp_path / "dry"
+    assert main(["push", str(merged), "--repo", "me/m", "--dry-run", str(dry)]) == 0
+    assert not (elsewhere / "plots").exists() and not (dry / "plots").exists()

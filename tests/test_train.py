@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -230,3 +231,151 @@ def test_separate_eval_file_and_own_template_requirement(chat_model_dir, base_mo
     assert (summary["data"]["train_pairs"], summary["data"]["eval_pairs"]) == (24, 3)
     with pytest.raises(ValueError, match="has no chat template"):
         load_tokenizer(load_config(None, overrides(base_model_dir, pairs_file, tmp_path / "x", **{"model.chat_template": "own"})))
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity (which Python's json writes and reads by default)."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(chat_model_dir, pairs_file, tmp_path, capsys):
+    """lr=1e30 blows the weights up; a later step's loss is NaN: exit 1 with one line naming that step, no final/
+    and no summary.json, metrics.jsonl strict JSON, the checkpoints saved before it finite."""
+    out = tmp_path / "run"
+    code = main(["train", *overrides(chat_model_dir, pairs_file, out, learning_rate=1e30, max_steps=5, save_steps=1,
+                                     eval_steps="null", **{"lora.dropout": 0.0})])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    stopped = re.fullmatch(r"orpo: error: step (\d+): loss \S+, gradient norm \S+: not finite\. Training stopped .*", err[-1])
+    assert stopped and int(stopped[1]) >= 2, err
+    last = f"checkpoint-{int(stopped[1]) - 1}"
+    assert f"the last checkpoint is {last}" in err[-1]
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    assert list_checkpoints(out)[-1].name == last
+    for path in list_checkpoints(out):
+        assert all(torch.isfinite(t).all() for t in load_file(str(path / "trainable.safetensors")).values())
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+
+
+def test_skipping_non_finite_steps_counts_them_and_saves_finite_json(chat_model_dir, pairs_file, tmp_path):
+    """on_nonfinite=skip: the run finishes, the skipped steps are counted, every file is strict JSON (the NaN
+    after-eval metrics become null) and the final weights are finite."""
+    out = tmp_path / "run"
+    summary = train(load_config(None, overrides(chat_model_dir, pairs_file, out, learning_rate=1e30, max_steps=4,
+                                                on_nonfinite="skip", eval_steps="null", **{"lora.dropout": 0.0})))
+    assert summary["skipped_steps"] == 3  # step 1 applied (weights ~1e30), steps 2-4 NaN
+    saved = strict_json((out / "summary.json").read_text())
+    assert saved["skipped_steps"] == 3 and saved["after"]["loss"] is None
+    lines = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in lines if "skipped_steps" in m] == [0, 1, 2, 3]
+    weights = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_one_epoch_visits_every_pair_once(chat_model_dir, tmp_path, monkeypatch):
+    """26 training pairs, batch 2, GA 4, 1 epoch: 13 micro-batches in 4 steps (the last holds 1), every pair once,
+    logged epoch 1.0 at the end."""
+    import orpo.train as loop
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i}."} for i in range(30)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    seen = []
+    stream = loop.micro_batch_stream
+
+    def recording(sampler, dataset, start):
+        for group in stream(sampler, dataset, start):
+            seen.append([tuple(r["chosen_ids"]) for r in group])
+            yield group
+
+    monkeypatch.setattr(loop, "micro_batch_stream", recording)
+    out = tmp_path / "run"
+    summary = train(load_config(None, overrides(chat_model_dir, data, out, max_steps=-1, num_train_epochs=1, gradient_accumulation_steps=4,
+                                                eval_steps="null", eval_on_start=False, **{"data.test_size": 4})))
+    assert summary["data"]["train_pairs"] == 26 and summary["total_steps"] == summary["steps"] == 4
+    visited = [pair for group in seen for pair in group]
+    assert len(seen) == 13 and len(visited) == 26 == len(set(visited))
+    assert [m["epoch"] for m in read_metrics(out) if "epoch" in m][-1] == 1.0
+
+
+def test_a_full_disk_leaves_no_half_written_final(chat_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    """The disk fills while final/ is written: one line saying so, exit 1, no final/ and no .partial left."""
+    import errno
+
+    from transformers import PreTrainedTokenizerBase
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    out = tmp_path / "run"
+    assert main(["train", *overrides(chat_model_dir, pairs_file, out, max_steps=1, eval_steps="null", eval_on_start=False)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"orpo: error: could not write {out / 'final'}: the disk is full (nothing half-written was left)"
+    assert not (out / "final").exists() and not list(out.glob(".*partial")) and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_an_output_dir_that_cannot_be_used_gets_one_line(chat_model_dir, pairs_file, tmp_path, capsys, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker if where == "file" else blocker / "run"
+    assert main(["train", *overrides(chat_model_dir, pairs_file, out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"orpo: error: output_dir {out} ")
+
+
+def test_a_new_run_into_a_used_output_dir_is_refused_unless_overwritten(chat_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = overrides(chat_model_dir, pairs_file, out, max_steps=2, eval_steps="null")
+    assert main(["train", *args]) == 0
+    assert main(["train", *args]) == 1
+    assert "is not empty (config.yaml, eval_before.json, final, metrics.jsonl, ...): resume its run" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", *args, "max_steps=3", "overwrite_output_dir=true"]) == 0
+    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert steps == [1, 2, 3] and (out / "notes.txt").read_text() == "mine"  # the old run's log is gone, not the user's file
+
+
+def test_resume_logs_each_step_once(chat_model_dir, pairs_file, tmp_path):
+    """A run killed after step 5 (checkpoint at 3) resumes: metrics.jsonl drops the killed run's steps 4-5 and
+    ends equal to the uninterrupted run's (times aside)."""
+    common = dict(max_steps=6, save_steps=3, eval_steps=2, save_total_limit=5)
+    full = tmp_path / "full"
+    train(load_config(None, overrides(chat_model_dir, pairs_file, full, **common)))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copytree(full / "checkpoint-3", killed / "checkpoint-3")
+    shutil.copy(full / "config.yaml", killed / "config.yaml")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text("\n".join(line for line in lines if json.loads(line)["step"] <= 5) + '\n{"step": 6, "lo')
+    train(load_config(None, overrides(chat_model_dir, pairs_file, killed, resume_from_checkpoint="latest", **common)))
+    strip = lambda out: [{k: v for k, v in m.items() if k not in ("time", "tokens_per_second", "seconds_per_step")} for m in read_metrics(out)]  # noqa: E731
+    assert strip(killed) == strip(full)
+
+
+def test_resume_refuses_other_settings_and_allows_what_cannot_change_the_result(chat_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = overrides(chat_model_dir, pairs_file, out, max_steps=4, save_steps=2, eval_steps="null")
+    assert main(["train", *args]) == 0
+    code = main(["train", *args, "resume_from_checkpoint=latest", "learning_rate=1e-4", "data.test_size=6"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.test_size: 4.0 -> 6.0; learning_rate: 0.001 -> 0.0001" in err
+    assert load_config(out / "config.yaml").learning_rate == 1e-3  # the run's config.yaml is untouched
+    assert main(["train", *args, "resume_from_checkpoint=latest", "max_steps=6", "logging_steps=2", "overwrite_output_dir=true"]) == 0
+    assert max(m["step"] for m in read_metrics(out)) == 6
+
+
+def test_a_tracker_that_is_not_installed_is_a_config_error(chat_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import orpo.tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(orpo.tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    out = tmp_path / "run"
+    assert main(["train", *overrides(chat_model_dir, pairs_file, out, report_to="wandb")]) == 2
+    assert "report_to=wandb: the wandb package is not installed (pip install wandb" in capsys.readouterr().err
+    assert not out.exists()

@@ -11,9 +11,11 @@ import json
 import logging
 from pathlib import Path
 
+from .config import load_config
 from .data import load_pairs, to_messages
 from .evaluate import HELD_OUT_ROWS, format_metric, generate_replies
 from .runs import Target, load, resolve
+from .tracking import dump_json
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,10 @@ def summary_check(target: Target, metrics: dict) -> str | None:
     path = Path(target.spec) / "summary.json"
     if target.kind != "run" or not path.is_file():
         return None
+    trained = load_config(Path(target.spec) / "config.yaml")
+    same = ("data", "max_length", "max_prompt_length", "beta", "nll_on_prompt")
+    if target.config.model_dump(include=set(same)) != trained.model_dump(include=set(same)):
+        return "(not compared with summary.json: these numbers come from other data or settings than the run's own evaluation)"
     after = json.loads(path.read_text()).get("after", {})
     keys = [k for k, v in after.items() if isinstance(v, float) and isinstance(metrics.get(k), float)]
     if not keys:
@@ -123,5 +129,5 @@ def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | N
     if any(r.get("samples") for r in results):
         print("\ngeneration samples (greedy):" + samples_text(names, results))
     if json_out:
-        Path(json_out).write_text(json.dumps(dict(zip(names, results, strict=True)), indent=2))
+        dump_json(dict(zip(names, results, strict=True)), Path(json_out))
     return 0

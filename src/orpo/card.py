@@ -29,10 +29,29 @@ def _run_of(folder: Path) -> tuple[Path | None, Path, Config, str]:
         kind = "adapter" if (final / "adapter_config.json").is_file() else "full"
         return folder, final, load_config(folder / "config.yaml"), kind
     if (folder / MERGED_CONFIG).is_file():
-        info = folder / "orpo_merge.json"
-        run = Path(json.loads(info.read_text())["run_dir"]) if info.is_file() else None
-        return (run if run is not None and run.is_dir() else None), folder, load_config(folder / MERGED_CONFIG), "merged"
+        return _merged_from(folder), folder, load_config(folder / MERGED_CONFIG), "merged"
     raise FileNotFoundError(f"{folder} is neither a run folder (config.yaml + final/) nor a merged model (from `orpo merge`)")
+
+
+def _merged_from(folder: Path) -> Path | None:
+    """The run a merged model came from (orpo_merge.json's run_dir), for its curves and results; only when that
+    is a real run folder whose config is the one copied into the merged model (anything else is ignored)."""
+    info = folder / "orpo_merge.json"
+    if not _plain_file(info, folder):
+        return None
+    try:
+        run = Path(str(json.loads(info.read_text())["run_dir"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    config = run / "config.yaml"
+    if run.is_symlink() or not run.is_dir() or not _plain_file(config, run) or not (run / "final").is_dir():
+        return None
+    return run if config.read_bytes() == (folder / MERGED_CONFIG).read_bytes() else None
+
+
+def _plain_file(path: Path, inside: Path) -> bool:
+    """A regular file (not a link) that lies inside `inside`."""
+    return path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(inside.resolve())
 
 
 def base_model_id(config: Config) -> str:
@@ -105,23 +124,20 @@ def stage(folder: str | Path, repo: str, out: str | Path) -> list[Path]:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    for path in sorted(model_dir.iterdir()):
-        if path.is_file() and path.suffix in MODEL_FILES and path.name not in SKIP:
+    for path in sorted(model_dir.iterdir()):  # regular files inside the folder only: links are never followed
+        if _plain_file(path, model_dir) and path.suffix in MODEL_FILES and path.name not in SKIP:
             shutil.copy(path, out / path.name)
     if kind == "adapter":  # the adapter points at the base it was trained on: make that a Hub id where we know it
         adapter = json.loads((out / "adapter_config.json").read_text())
         if config.model.name_or_path == BUILTIN:
             adapter["base_model_name_or_path"] = BUILTIN_HUB_ID
             (out / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
-    summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").is_file() else {}
+    summary = json.loads((run / "summary.json").read_text()) if run and _plain_file(run / "summary.json", run) else {}
     for key in ("before", "after"):
         summary.get(key, {}).pop("samples", None)
-    metrics = read_metrics(run) if run else []
+    metrics = read_metrics(run) if run and _plain_file(run / "metrics.jsonl", run) else []
     plots = []
-    if run is not None:
-        (out / "plots").mkdir(exist_ok=True)
-        for stem, path in write_plots(run).items():
-            shutil.copy(path, out / "plots" / f"{stem}.png")
-            plots.append(f"plots/{stem}.png")
+    if metrics:  # drawn straight into the upload folder: nothing is written into the run
+        plots = [f"plots/{stem}.png" for stem in write_plots(run, out / "plots")]
     (out / "README.md").write_text(model_card(repo, config, kind, summary, metrics, plots))
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from .data import prompt_ids
 from .runs import load, resolve
 
 HELP = "type a message; /reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -21,8 +22,8 @@ def reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_tokens: i
     """The assistant's next message, streamed to `stream` (sys.stdout) as it is generated."""
     from transformers import TextStreamer
 
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    ids = torch.tensor([prompt_ids(tokenizer, [messages])[0]], device=model.device)  # (1, T), as training saw them
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if stream is not None:  # TextStreamer prints; send its text where the caller wants it
         streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
@@ -39,10 +40,10 @@ def reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_tokens: i
 
 
 def run_chat(spec: str, prompt: str | None, max_new_tokens: int, temperature: float, top_p: float, system: str | None = None,
-             seed: int = 0) -> int:
+             seed: int = 0, overrides: list[str] | tuple[str, ...] = ()) -> int:
     """`orpo chat`: one answer to `prompt`, or an interactive loop on stdin."""
     torch.manual_seed(seed)
-    model, tokenizer = load(resolve(spec))
+    model, tokenizer = load(resolve(spec, overrides))
     start = [{"role": "system", "content": system}] if system else []
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=sys.stdout)
     if prompt is not None:

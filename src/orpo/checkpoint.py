@@ -3,13 +3,20 @@
 A checkpoint is written into a temporary folder and renamed to `checkpoint-<step>` only once every file is
 on disk (rename is atomic on one filesystem), so an interrupted save never leaves a folder that looks
 complete; `resume_from_checkpoint: latest` only considers folders with the final name and a `COMPLETE` file.
+
+Nothing in a checkpoint can run code when it is loaded: weights are safetensors, the loop position JSON, and the
+optimizer, scheduler and RNG states hold only tensors and plain values (numpy's RNG state is stored as a
+tensor), read back with `torch.load(weights_only=True)`; a file holding anything else is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import pickle
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +24,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
+from .tracking import flat_params
+
+# Keys a resumed run may change: they decide what is logged, evaluated, saved or how fast, not what is learned.
+# Everything else (data, model, tokenization, optimisation) must equal the checkpoint's; max_steps may grow.
+RESUME_MAY_CHANGE = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "eval_on_start",
+    "save_steps", "save_total_limit", "report_to", "per_device_eval_batch_size", "max_new_tokens", "on_nonfinite",
+    "gradient_checkpointing", "layout", "max_tokens_per_batch", "logps_chunk_size",
+}
 
 PREFIX = "checkpoint-"
 
@@ -29,6 +45,18 @@ class TrainState:
     step: int = 0
     micro_batches: int = 0
     tokens: int = 0
+    skipped_steps: int = 0  # steps with a non-finite loss or gradient, not applied (on_nonfinite=skip)
+
+
+class NonFiniteError(ValueError):
+    """A non-finite loss, gradient or weight: training stops, nothing non-finite is saved."""
+
+
+def check_finite(model, what: str) -> None:
+    """Refuse to save `what` if any trainable weight is NaN or inf."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"not saving {what}: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]})")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -36,7 +64,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -44,28 +74,83 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def atomic_folder(final: Path):
+    """Write a folder as a whole or not at all: yields a temporary sibling, then adds COMPLETE and renames it to
+    `final` (replacing an older one). On any error the temporary folder goes and one clear ValueError is raised
+    (a full disk named as such); `final` is never left half-written."""
+    tmp = final.parent / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        (tmp / "COMPLETE").write_text("ok\n")
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, NonFiniteError):
+            raise
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "StorageFull" in str(exc)
+        reason = "the disk is full" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
+        raise ValueError(f"could not write {final}: {reason} (nothing half-written was left)") from None
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
 def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, config: Config, rank: int = 0) -> Path:
     """Write checkpoint-<step> atomically; returns its path."""
     final = out_dir / f"{PREFIX}{state.step}"
-    tmp = out_dir / f".{PREFIX}{state.step}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-    save_config(config, tmp / "config.yaml")
-    (tmp / "COMPLETE").write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    check_finite(model, final.name)
+    with atomic_folder(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        save_config(config, tmp / "config.yaml")
     return final
+
+
+# What orpo writes into an output_dir (overwrite_output_dir removes these, and nothing else).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval_before.json", "report.html", "plots", "final", "orpo")
+
+
+def check_output_dir(out: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse, before any work, an output_dir that is a file or lies under one, or one that already holds files
+    when the run neither resumes nor may overwrite. Writes nothing."""
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"output_dir {out} cannot be used: {parent} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not resuming and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ValueError(f"output_dir {out} is not empty ({shown}): resume its run (resume_from_checkpoint=latest), "
+                         "choose another output_dir, or set overwrite_output_dir=true to replace it")
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resuming: bool) -> None:
+    """Create output_dir, writable (one clear line if not), after check_output_dir. With `overwrite` a previous
+    run's files go (only those: RUN_FILES, checkpoints); a resumed run keeps its files."""
+    check_output_dir(out, overwrite, resuming)
+    if overwrite and not resuming and out.is_dir():
+        for path in out.iterdir():
+            if path.name in RUN_FILES or path.name.startswith((PREFIX, f".{PREFIX}", ".final")):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for stale in out.glob(".*.partial") if out.is_dir() else []:  # debris of a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".orpo-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"output_dir {out} cannot be written: {exc.strerror or exc}") from None
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -98,6 +183,31 @@ def resolve_checkpoint(out_dir: Path, spec: str) -> Path:
     return path
 
 
+def check_resume_config(saved: Config, now: Config, path: Path, step: int) -> None:
+    """Refuse to resume `path` (at `step`) with settings that change what is learned, naming each difference."""
+    old, new = flat_params(saved.model_dump(mode="json")), flat_params(now.model_dump(mode="json"))
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key) or key in RESUME_MAY_CHANGE:
+            continue
+        if key == "max_steps" and now.max_steps > step:  # an explicit extension (or a shorter run not yet reached)
+            continue
+        diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    if diffs:
+        raise ConfigError(f"resume from {path}: settings differ from the checkpoint's ({'; '.join(diffs)}). Resume with the "
+                          "checkpoint's values (its config.yaml), or start a new run in another output_dir")
+
+
+def load_plain(path: Path):
+    """A torch.save file holding only tensors and plain Python values; anything else (which unpickling would have
+    to construct, possibly running code) is refused."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: holds objects other than tensors and plain values; refusing to load it "
+                         "(unpickling them could run code). Was this checkpoint written by orpo?") from exc
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
     """Restore everything save_checkpoint wrote; returns the loop position."""
     weights = load_file(str(path / "trainable.safetensors"))
@@ -108,9 +218,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
     rng = path / f"rng-{rank}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(load_plain(rng))
     return TrainState(**json.loads((path / "trainer_state.json").read_text()))

@@ -9,7 +9,11 @@ import os
 import sys
 import warnings
 
-from .config import ConfigError, describe_keys, load_config
+# MKL may otherwise use fewer threads than asked when the cores are busy, which changes the order of float sums:
+# a seeded run must give the same numbers whatever else the machine is doing. Set before torch loads MKL.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+from .config import DEMO, ConfigError, describe_keys, load_config  # noqa: E402
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -21,7 +25,7 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args) -> int:
     path, overrides = _split_args(args.items)
-    config = load_config(path, overrides)
+    config = load_config(path, overrides, preset=DEMO if path is None else None)  # no file: the embedded demo
     from .train import train
 
     summary = train(config)
@@ -41,17 +45,22 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _remote_code(args) -> list[str]:
+    """--trust-remote-code as the override it stands for (a folder's own config cannot set it)."""
+    return ["model.trust_remote_code=true"] if args.trust_remote_code else []
+
+
 def cmd_eval(args) -> int:
     from .assess import run_eval
 
     harness = dict(tasks=args.lm_eval.split(","), include_path=args.lm_eval_include, limit=args.lm_eval_limit) if args.lm_eval else None
-    return run_eval(args.target, args.items, args.data, args.compare, args.samples, not args.no_generate, args.json, harness)
+    return run_eval(args.target, [*args.items, *_remote_code(args)], args.data, args.compare, args.samples, not args.no_generate, args.json, harness)
 
 
 def cmd_merge(args) -> int:
     from .merge import run_merge
 
-    return run_merge(args.run_dir, args.dtype, args.out, args.max_shard_size)
+    return run_merge(args.run_dir, args.dtype, args.out, args.max_shard_size, _remote_code(args))
 
 
 def cmd_push(args) -> int:
@@ -63,7 +72,8 @@ def cmd_push(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import run_chat
 
-    return run_chat(args.target, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.system, args.seed)
+    return run_chat(args.target, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.system, args.seed,
+                    _remote_code(args))
 
 
 def cmd_report(args) -> int:
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="orpo", description="ORPO fine-tuning of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="fine-tune with ORPO (no arguments: the embedded demo)")
+    p = sub.add_parser("train", help="fine-tune with ORPO (no config file: the embedded demo's preset)")
     p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] (see `orpo config`)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("config", help="list every config key with its default and description")
@@ -100,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated; needs orpo[eval])")
     p.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=int, help="at most this many documents per lm-eval task")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base, save and verify the logits")
     p.add_argument("run_dir")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--out", required=True, help="folder for the merged model (replaced if it exists)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("push", help="upload a run's adapter or a merged model with a model card to the Hub")
     p.add_argument("folder", help="run folder or merged model folder")
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("report", help="rebuild a run's report.html and plots/*.png")
     p.add_argument("run_dir")

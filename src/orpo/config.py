@@ -1,8 +1,11 @@
 """Typed run configuration: defaults, YAML, `key=value` overrides and validation.
 
-Every default lives here. The defaults are the embedded demo: SmolLM2-135M-Instruct with LoRA on the
-generated preference set, sized for a laptop CPU. Training keys use the names of TRL's `ORPOConfig`
-so that configs port over; model, LoRA and data settings live in nested sections.
+Every default lives here. Training keys use the names and defaults of TRL's `ORPOConfig` (learning_rate 1e-6,
+3 epochs, fused AdamW, gradient checkpointing, bf16 on a GPU that has it, ...) so that configs port over; keys
+TRL does not have default to the reference job (LoRA r16/alpha32 on all linear layers) and to the embedded
+model and data. The embedded demo's own values (a 135M model on a laptop CPU: learning_rate 1e-3, 1 epoch,
+evaluation before and during training) are the preset `DEMO`, which `orpo train` uses when no config file is
+given (`configs/demo.yaml` spells it out). Model, LoRA and data settings live in nested sections.
 
 Name mapping: the paper's lambda (weight of the odds-ratio term) is our `beta`, as in TRL; the authors'
 code calls it `alpha`.
@@ -16,6 +19,8 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .trl_names import translate as translate_trl
 
 BUILTIN = "builtin"
 
@@ -136,41 +141,42 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Data section.")
 
     output_dir: str = Field("runs/orpo", description="Where metrics, checkpoints and the final model go.")
+    overwrite_output_dir: bool = Field(False, description="Start a new run in an output_dir that already holds one (its run files are removed first); without it such a run is refused unless it resumes.")
     beta: float = Field(0.1, ge=0, description="Weight of the odds-ratio term (the paper's lambda).")
     nll_on_prompt: bool = Field(True, description="NLL over prompt+response of the chosen side (paper code, TRL); false = response tokens only.")
     max_length: int = Field(1024, ge=2, description="Longest prompt+response in tokens; longer responses are cut.")
     max_prompt_length: int = Field(512, ge=1, description="Longest prompt in tokens; longer prompts lose their start (truncation_mode).")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per micro-batch per process.")
-    per_device_eval_batch_size: int = Field(16, ge=1, description="Pairs per eval batch per process.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Pairs per eval batch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps to run; -1 = from num_train_epochs.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (wins over warmup_ratio when > 0).")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Warm-up as a share of the total steps.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of the total steps.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "inverse_sqrt"] = Field("linear", description="Decay after warm-up.")
-    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch", description="Optimizer (8-bit ones need bitsandbytes).")
+    optim: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw_torch_fused", description="Optimizer: AdamW with torch's fused kernel (CPU and CUDA) or its plain one, or bitsandbytes' 8-bit ones.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
-    logging_steps: int = Field(5, ge=1, description="Log metrics every N optimizer steps.")
-    eval_steps: float | None = Field(0.5, gt=0, description="Evaluate every N steps (int), or every fraction of the total (< 1); null = only at the end.")
-    eval_on_start: bool = Field(True, description="Evaluate before the first step (the 'before' numbers).")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = no intermediate checkpoints).")
-    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="A step whose loss or gradient norm is NaN/inf: stop (nothing of it applied or saved) or skip it (counted as skipped_steps).")
+    logging_steps: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    eval_steps: float | None = Field(None, gt=0, description="Evaluate every N steps (int), or every fraction of the total (< 1); null = only at the end.")
+    eval_on_start: bool = Field(False, description="Evaluate before the first step (the 'before' numbers).")
+    save_steps: int | None = Field(500, ge=1, description="Checkpoint every N optimizer steps (null = no intermediate checkpoints).")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder to continue from.")
     seed: int = Field(42, description="Seed of model init, dropout and data order.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    bf16: bool = Field(False, description="bfloat16 autocast (mixed precision).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    bf16: bool | None = Field(None, description="bfloat16 autocast (mixed precision); null = on when a CUDA GPU supports bf16 (TRL's default).")
     fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA only).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Trackers besides metrics.jsonl.")
     layout: Literal["packed", "plain"] = Field("packed", description="packed: each pair is one sequence prompt|chosen|rejected (the prompt computed once), several pairs per row without padding, log-probs from the hidden states in chunks (no full logits); plain: [chosen; rejected] as padded rows with full logits, the reference. Same loss and metrics either way.")
     max_tokens_per_batch: int | None = Field(None, ge=16, description="packed: token budget of one forward pass (rows x row length, padding included); the step's pairs are packed into as few passes as fit. null = max_length on a CPU, 2 x batch size x max_length on a GPU. A longer pair gets a pass of its own.")
     logps_chunk_size: int | None = Field(None, ge=1, description="packed: tokens per chunk through the output layer; the loss's memory is chunk x vocabulary. null = 2^24 / vocabulary size (64 MB of fp32 logits).")
     max_new_tokens: int = Field(16, ge=1, description="Token budget of generations during task evaluation.")
-    dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -190,6 +196,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.bf16 is None:  # TRL's default: bf16 where the GPU has it, else off
+            import torch
+
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true: choose one")
         if self.max_prompt_length >= self.max_length:
@@ -213,6 +223,50 @@ class Config(_Section):
         if self.eval_steps < 1:
             return max(1, round(self.eval_steps * total_steps))
         return int(self.eval_steps)
+
+
+# The embedded demo (`orpo train` without a config file; configs/demo.yaml spells it out): SmolLM2-135M-Instruct
+# with LoRA on the generated preference tasks, sized for a laptop CPU (~8 minutes on 2 cores).
+DEMO: dict[str, Any] = {
+    "output_dir": "runs/orpo",
+    "model": {"name_or_path": BUILTIN},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    "data": {"path": BUILTIN, "builtin_train_size": 480, "builtin_eval_size": 120},
+    "beta": 0.1,
+    "learning_rate": 1.0e-3,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "num_train_epochs": 1,
+    "warmup_ratio": 0.1,
+    "lr_scheduler_type": "linear",
+    "optim": "adamw_torch",
+    "gradient_checkpointing": False,
+    "bf16": False,
+    "eval_steps": 0.5,
+    "eval_on_start": True,
+    "save_steps": None,
+    "save_total_limit": 2,
+    "layout": "packed",
+    "logging_steps": 5,
+}
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _parse_value(text: str) -> Any:
@@ -256,26 +310,74 @@ def _describe(error: dict) -> str:
     return f"{key}: {value!r} is invalid: {error['msg'].removeprefix('Value error, ')}"
 
 
-def build_config(tree: dict[str, Any]) -> Config:
+def _field_loc(loc: tuple) -> tuple:
+    """An error's location cut at the first part that is not a field (a union member's tag, as 'str' or
+    'list[str]'), so the alternatives of one key are one problem."""
+    model: Any = Config
+    kept = []
+    for part in loc:
+        if isinstance(part, int):
+            kept.append(part)
+            continue
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        if part not in fields:
+            break
+        kept.append(part)
+        annotation = fields[part].annotation
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
+        model = next((a for a in get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
+    return tuple(kept) if len(kept) else loc
+
+
+def _problems(errors: list[dict]) -> list[str]:
+    """One line per key: the alternatives of a union are joined."""
+    grouped: dict[tuple, list[dict]] = {}
+    for error in errors:
+        grouped.setdefault(_field_loc(error["loc"]), []).append(error)
+    lines = []
+    for loc, group in grouped.items():
+        if len(group) == 1:
+            lines.append(_describe(group[0]))
+        else:
+            key = ".".join(str(p) for p in loc)
+            wanted = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in group))
+            lines.append(f"{key}: {group[0].get('input')!r} is invalid: expected {wanted}")
+    return lines
+
+
+def config_error(problems: list[str], source: str | None = None) -> ConfigError:
+    """One line for one problem, else one line each; named after the file when there is one."""
+    head = f"invalid config{f' {source}' if source else ''}:"
+    return ConfigError(f"{head} {problems[0]}" if len(problems) == 1 else head + "\n  " + "\n  ".join(problems))
+
+
+def build_config(tree: dict[str, Any], source: str | None = None) -> Config:
     """Validate a nested dict into a Config, or raise ConfigError listing every problem."""
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+        raise config_error(_problems(exc.errors()), source) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `a.b=value` overrides, validated."""
-    tree: dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), preset: dict[str, Any] | None = None) -> Config:
+    """Defaults <- `preset` (e.g. DEMO) or YAML file <- `a.b=value` overrides, validated."""
+    tree: dict[str, Any] = json.loads(json.dumps(preset)) if preset else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        raw = path.read_bytes()
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}: line {line} is not UTF-8 text") from None
+        try:
+            tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}: line {exc.line}: key '{exc.key}' appears twice in the same section") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     for item in overrides:
@@ -283,7 +385,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-5)")
         _set_path(tree, key.strip(), _parse_value(text))
-    return build_config(tree)
+    tree, problems = translate_trl(tree)
+    source = str(path) if path is not None else None
+    if problems:
+        raise config_error(problems, source)
+    return build_config(tree, source)
 
 
 def save_config(config: Config, path: str | Path) -> None:

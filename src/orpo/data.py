@@ -74,11 +74,32 @@ def end_of_turn_id(tokenizer) -> int | None:
     return tokenizer.eos_token_id
 
 
-def token_spec(tokenizer, config: Config) -> TokenSpec:
+def bos_to_add(tokenizer) -> int | None:
+    """BOS when the tokenizer adds it by default (then ids must start with it even if the template does not
+    write it, as with Llama 3 under the ChatML set-up); else None."""
     bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
+def encode(tokenizer, texts: list[str], bos_id: int | None) -> list[list[int]]:
+    """Token ids of rendered chat texts as training makes them: the template's special tokens only, plus BOS
+    in front where `bos_id` is set and the template did not write it."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    if bos_id is not None:
+        ids = [x if x[:1] == [bos_id] else [bos_id] + x for x in ids]
+    return ids
+
+
+def prompt_ids(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
+    """The ids of chat prompts (with the assistant header) exactly as training saw them: every path that feeds
+    the model a prompt (task accuracy, `orpo chat`, the merge check) uses this."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return encode(tokenizer, texts, bos_to_add(tokenizer))
+
+
+def token_spec(tokenizer, config: Config) -> TokenSpec:
     return TokenSpec(
-        bos_id=bos if adds_bos else None,
+        bos_id=bos_to_add(tokenizer),
         end_of_turn_id=end_of_turn_id(tokenizer),
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
@@ -135,6 +156,24 @@ def _split_and_cut(prompt: list[int], chosen_full: list[int], rejected_full: lis
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "drop": drop, **stats}
 
 
+CHARS_PER_TOKEN = 256  # more than any token of a real vocabulary covers
+
+
+def _clip(pair: dict, spec: TokenSpec) -> dict:
+    """The pair with any message longer than max_length * CHARS_PER_TOKEN characters cut to that (prompt messages
+    keep their end when truncation keeps the end, responses their start): text that cannot fit is not tokenized,
+    so a 50 MB row costs no more than a long one. The cut lies beyond anything that is kept."""
+    limit = spec.max_length * CHARS_PER_TOKEN
+    if all(len(m["content"]) <= limit for side in ("prompt", "chosen", "rejected") for m in pair[side]):
+        return pair
+
+    def cut(messages, keep_end):
+        return [dict(m, content=(m["content"][-limit:] if keep_end else m["content"][:limit])) if len(m["content"]) > limit else m
+                for m in messages]
+
+    return {**pair, "prompt": cut(pair["prompt"], spec.keep_end), "chosen": cut(pair["chosen"], False), "rejected": cut(pair["rejected"], False)}
+
+
 def tokenize_batch(pairs: list[dict[str, list[dict[str, str]]]], tokenizer, spec: TokenSpec) -> list[dict[str, Any]]:
     """Token ids of canonical pairs: prompt_ids, chosen_ids, rejected_ids, `drop` ('' when kept), and length stats.
 
@@ -144,13 +183,11 @@ def tokenize_batch(pairs: list[dict[str, list[dict[str, str]]]], tokenizer, spec
     live = [i for i, p in enumerate(pairs) if not _empty(p)]
     texts = []
     for i in live:
-        p = pairs[i]
+        p = _clip(pairs[i], spec)
         texts.append(tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True))
         texts.append(tokenizer.apply_chat_template(p["prompt"] + p["chosen"], tokenize=False))
         texts.append(tokenizer.apply_chat_template(p["prompt"] + p["rejected"], tokenize=False))
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    if spec.bos_id is not None:
-        ids = [x if x[:1] == [spec.bos_id] else [spec.bos_id] + x for x in ids]
+    ids = encode(tokenizer, texts, spec.bos_id)
     empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "drop": "empty_response"}
     out = [{**empty, **{c: 0 if c.endswith("_len") else False for c in STAT_COLUMNS}} for _ in pairs]
     for k, i in enumerate(live):

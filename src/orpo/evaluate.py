@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .data import prompt_ids
 from .layout import Layout, pair_length
 from .logps import forward_logps
 from .loss import Norm, add_stats, finish_metrics, orpo_loss
@@ -95,11 +96,8 @@ def generate_replies(
     replies: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not show_progress):
-            texts = [
-                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                for p in prompts[start : start + batch_size]
-            ]
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            ids = prompt_ids(tokenizer, prompts[start : start + batch_size])  # as training saw them (BOS too)
+            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)  # left padding
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,

@@ -77,7 +77,9 @@ def as_messages(value: Any, role: str, where: str, sharegpt: bool = False) -> li
 
 
 def _need(row: dict, key: str, where: str) -> Any:
-    if key not in row or row[key] is None:
+    if key in row and row[key] is None:
+        raise DataError(f"{where}: field '{key}' is null")
+    if key not in row:
         raise DataError(f"{where}: missing field '{key}' (columns: {', '.join(sorted(map(str, row)))})")
     return row[key]
 

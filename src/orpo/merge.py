@@ -1,12 +1,16 @@
 """`orpo merge`: fold a run's LoRA adapter into its base weights and save a plain 16-bit model, then check it.
 
-The base is loaded in 16-bit even for QLoRA runs (merging into 4-bit weights would re-quantize the sum).
-peft's `merge_and_unload` adds B·A·scale to each target weight and writes the trained ChatML rows
-(`trainable_token_indices`, see model.new_token_rows) into the embedding and output matrices.
+The base is loaded in fp32, even for QLoRA runs (merging into 4-bit weights would re-quantize the sum), peft's
+`merge_and_unload` adds B·A·scale to each target weight and writes the trained ChatML rows
+(`trainable_token_indices`, see model.new_token_rows) into the embedding and output matrices, and only then is
+the model cast to the chosen dtype: each weight is rounded once (merging in bf16 would round the base and then
+the sum). This needs 4 bytes of memory per parameter (32 GB for an 8B model).
 
 Check: the saved model, reloaded from disk, is compared with the unmerged adapter model in fp32 on a few
 chat prompts. Both run in fp32, so the difference measures the merge and the rounding of the merged weights
-to the chosen dtype; the tolerance is relative to the largest logit (bf16 keeps 8 bits of mantissa, fp16 11).
+to the chosen dtype. The tolerance is relative to the largest logit: 4 units of the dtype's rounding
+(torch.finfo(dtype).eps: bf16 2^-7, fp16 2^-10), and at least 1e-5 (in fp32 the merged and unmerged models
+add the same terms in another order).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from .runs import MERGED_CONFIG, load, prompt_logits, resolve
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Max |logit difference| allowed, as a share of the largest |logit|: a few units of the dtype's rounding.
-TOLERANCE = {"bf16": 2e-2, "fp16": 3e-3, "fp32": 1e-5}
+# Max |logit difference| allowed, as a share of the largest |logit|: 4 units of the dtype's rounding, >= 1e-5.
+TOLERANCE = {name: max(4 * torch.finfo(getattr(torch, dtype)).eps, 1e-5) for name, dtype in DTYPES.items()}
 PROMPTS = [
     "What is 12 + 7? Reply with only the number.",
     "Write one sentence about the sea.",
@@ -48,15 +52,17 @@ class MergeCheck:
         return self.max_abs_diff <= self.tolerance
 
 
-def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: str | Path, max_shard_size: str = "2GB") -> Path:
+def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: str | Path, max_shard_size: str = "2GB",
+              overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Merged model + tokenizer + chat template + generation_config (eos = end of turn) + the run's config."""
     run_dir, out = Path(run_dir), Path(out)
-    target = resolve(str(run_dir))
+    target = resolve(str(run_dir), overrides)
     if target.kind != "run":
         raise ValueError(f"{run_dir} is not a run folder (config.yaml + final/)")
-    model, tokenizer = load(target, dtype=DTYPES[dtype], quantized=False)
+    model, tokenizer = load(target, dtype="float32", quantized=False)
     if target.is_adapter:
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # in fp32
+    model = model.to(getattr(torch, DTYPES[dtype]))  # one rounding per weight
     eot = end_of_turn_id(tokenizer)
     model.generation_config.eos_token_id = eot
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -71,11 +77,13 @@ def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: 
     return out
 
 
-def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts: list[str] = PROMPTS) -> MergeCheck:
+def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts: list[str] = PROMPTS,
+                overrides: list[str] | tuple[str, ...] = ()) -> MergeCheck:
     """Logits of the reloaded merged model vs the unmerged adapter model (both computed in fp32)."""
     from transformers import AutoModelForCausalLM
 
-    reference, tokenizer = load(resolve(str(run_dir)), dtype="float32", quantized=False)
+    target = resolve(str(run_dir), overrides)
+    reference, tokenizer = load(target, dtype="float32", quantized=False)
     want = prompt_logits(reference, tokenizer, prompts)
     effect = None
     if hasattr(reference, "disable_adapter"):
@@ -83,7 +91,7 @@ def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts
             base = prompt_logits(reference, tokenizer, prompts)
         effect = max(float((a - b).abs().max()) for a, b in zip(want, base, strict=True))
     del reference
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, trust_remote_code=target.config.model.trust_remote_code).eval()
     got = prompt_logits(merged, tokenizer, prompts)
     diff = max(float((a - b).abs().max()) for a, b in zip(want, got, strict=True))
     scale = max(float(a.abs().max()) for a in want)
@@ -91,12 +99,12 @@ def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts
     return MergeCheck(diff, scale, TOLERANCE[dtype] * scale, float(agree), effect)
 
 
-def run_merge(run_dir: str, dtype: str, out: str, max_shard_size: str = "2GB") -> int:
+def run_merge(run_dir: str, dtype: str, out: str, max_shard_size: str = "2GB", overrides: list[str] | tuple[str, ...] = ()) -> int:
     """`orpo merge`: merge, save, verify; exit status 1 when the check fails."""
-    path = merge_run(run_dir, dtype, out, max_shard_size)
+    path = merge_run(run_dir, dtype, out, max_shard_size, overrides)
     files = sorted(p.name for p in path.iterdir())
     print(f"merged model ({dtype}) saved to {path}: {', '.join(files)}")
-    check = check_merge(run_dir, path, dtype)
+    check = check_merge(run_dir, path, dtype, overrides=overrides)
     (path / "orpo_merge.json").write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()), "dtype": dtype, **check.__dict__, "passed": check.passed}, indent=2))
     verdict = "PASS" if check.passed else "FAIL"
     print(

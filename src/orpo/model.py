@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .builtin.model import builtin_model_dir
+from .checkpoint import atomic_folder
 from .config import BUILTIN, Config
 from .lora_dropout import fuse_lora_dropout
 
@@ -34,10 +35,23 @@ def weights_dtype(config: Config) -> torch.dtype:
     return torch.float32
 
 
+def looks_local(name: str) -> bool:
+    """A name that can only be a path (a Hub id is `name` or `owner/name`): never sent to the Hub."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def model_source(config: Config) -> tuple[str, dict]:
     """Where to load from, and the loading kwargs shared by model and tokenizer."""
     if config.model.name_or_path == BUILTIN:
         return str(builtin_model_dir()), {}
+    name = config.model.name_or_path
+    local = Path(name).expanduser()
+    if not local.exists() and looks_local(name):
+        raise FileNotFoundError(f"model.name_or_path={name}: no such folder")
+    if local.is_file():
+        raise FileNotFoundError(f"model.name_or_path={name} is a file: give its folder (and model.gguf_file for a GGUF file)")
+    if local.is_dir() and not (local / "config.json").is_file() and not config.model.gguf_file:
+        raise FileNotFoundError(f"model.name_or_path={name} is not a model folder (no config.json)")
     kwargs = {"trust_remote_code": config.model.trust_remote_code}
     if config.model.revision:
         kwargs["revision"] = config.model.revision
@@ -147,13 +161,14 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def save_final(model, tokenizer, out_dir: Path) -> Path:
-    """Adapter (or full model) with tokenizer and chat template; loads with transformers/peft as it is."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config"):
-        # New ChatML rows travel as trainable-token weights; peft would otherwise also save the whole resized
-        # embedding matrices (2 GB for Llama 3 8B). Loaders resize the base to len(tokenizer) first.
-        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
-    else:
-        model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    """Adapter (or full model) with tokenizer and chat template; loads with transformers/peft as it is.
+    Written as a whole or not at all (checkpoint.atomic_folder): `final/` with no weights never exists."""
+    with atomic_folder(out_dir) as tmp:
+        if hasattr(model, "peft_config"):
+            # New ChatML rows travel as trainable-token weights; peft would otherwise also save the whole resized
+            # embedding matrices (2 GB for Llama 3 8B). Loaders resize the base to len(tokenizer) first.
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir

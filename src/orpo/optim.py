@@ -22,8 +22,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def make_optimizer(config: Config, model) -> torch.optim.Optimizer:
     groups = param_groups(model, config.weight_decay)
     kwargs = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
-    if config.optim == "adamw_torch":
-        return torch.optim.AdamW(groups, **kwargs)
+    if config.optim in ("adamw_torch", "adamw_torch_fused"):
+        fused = config.optim == "adamw_torch_fused" and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, **kwargs, fused=fused or None)
     try:
         import bitsandbytes as bnb
     except ImportError as exc:

@@ -67,10 +67,10 @@ def plot(lines: list[dict], title: str, keys: list[str]) -> bytes | None:
     return buf.getvalue()
 
 
-def write_plots(run_dir: Path) -> dict[str, Path]:
-    """PNG per plot under RUN_DIR/plots/; returns {stem: path} of those with data."""
+def write_plots(run_dir: Path, out: Path | None = None) -> dict[str, Path]:
+    """PNG per plot under `out` (default RUN_DIR/plots/); returns {stem: path} of those with data."""
     lines = read_metrics(run_dir)
-    out = run_dir / "plots"
+    out = run_dir / "plots" if out is None else out
     written = {}
     for stem, title, keys in PLOTS:
         png = plot(lines, title, keys)

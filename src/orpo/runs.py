@@ -6,10 +6,14 @@
 
 Every target resolves to a Config that rebuilds the run's tokenizer and held-out split exactly
 (`data.load_pairs(config, tokenizer)`), plus the weights to put on top of it.
+
+A folder's own config never turns on `model.trust_remote_code` (a folder someone sends you must not run code):
+only the user's command line does (`--trust-remote-code`, or the override `model.trust_remote_code=true`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,9 +21,13 @@ from typing import Literal
 import torch
 
 from .config import Config, load_config
-from .model import DTYPES, load_base, load_tokenizer, weights_dtype
+from .data import prompt_ids
+from .model import DTYPES, load_base, load_tokenizer, looks_local, weights_dtype
 
 MERGED_CONFIG = "orpo_config.yaml"  # the run's config, copied into a merged model folder
+REMOTE_CODE = "model.trust_remote_code"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,15 +56,37 @@ def with_model(config: Config, name_or_path: str) -> Config:
 def resolve(spec: str, overrides: list[str] | tuple[str, ...] = (), like: Config | None = None) -> Target:
     """Work out what `spec` is. A base model takes its data/eval settings from `like` (the other side of a
     comparison) when given, else from the defaults; `overrides` (key=value) apply on top."""
-    path = Path(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        hint = f" (the run folder is {path.parent})" if path.name in ("config.yaml", MERGED_CONFIG, "summary.json") else ""
+        raise FileNotFoundError(f"{spec} is a file: give a run folder, a merged or other model folder, 'builtin' or a Hub id{hint}")
+    if not path.exists() and looks_local(spec):
+        raise FileNotFoundError(f"{spec}: no such folder")
     if (path / "config.yaml").is_file() and (path / "final").is_dir():
-        return Target(spec, "run", load_config(path / "config.yaml", overrides))
+        return Target(spec, "run", own_flag_only(load_config(path / "config.yaml", overrides), overrides, spec))
     if (path / MERGED_CONFIG).is_file():
-        return Target(spec, "merged", with_model(load_config(path / MERGED_CONFIG, overrides), spec))
+        config = own_flag_only(load_config(path / MERGED_CONFIG, overrides), overrides, spec)
+        return Target(spec, "merged", with_model(config, spec))
     if path.is_dir() and (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{spec} has a config.yaml but no final/ model: did the run finish?")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{spec} is not a model folder (no config.json), a run folder (config.yaml + final/) or a merged model")
     base = like if like is not None and not overrides else load_config(None, overrides)
     return Target(spec, "base", with_model(base, spec))
+
+
+def own_flag_only(config: Config, overrides, spec: str) -> Config:
+    """`config` (read from a folder) with trust_remote_code off unless the command line itself turned it on."""
+    asked = any(item.split("=", 1)[0].strip() == REMOTE_CODE for item in overrides)
+    if not config.model.trust_remote_code or asked:
+        return config
+    log.warning("%s: its config sets %s; not honoured from a folder (pass --trust-remote-code to run its model code)", spec, REMOTE_CODE)
+    return config.model_copy(update={"model": config.model.model_copy(update={"trust_remote_code": False})})
+
+
+def needs_remote_code(spec: str) -> ValueError:
+    """transformers' refusal to run a model's own code, as one line saying how to allow it."""
+    return ValueError(f"{spec}: this model needs its own Python code to load; if you trust it, add --trust-remote-code")
 
 
 def load(target: Target, dtype: str | None = None, quantized: bool = True):
@@ -65,12 +95,18 @@ def load(target: Target, dtype: str | None = None, quantized: bool = True):
     from transformers import AutoModelForCausalLM
 
     config = target.config
-    tokenizer, new_ids = load_tokenizer(config)
-    torch_dtype = DTYPES[dtype] if dtype else weights_dtype(config)
-    if target.kind == "run" and not target.is_adapter:  # full fine-tuning: final/ is the whole model
-        model = AutoModelForCausalLM.from_pretrained(target.final_dir, dtype=torch_dtype)
-        return _ready(model, tokenizer), tokenizer
-    model = load_base(config, tokenizer, new_ids, dtype=torch_dtype, quantized=quantized)
+    trust = config.model.trust_remote_code
+    try:
+        tokenizer, new_ids = load_tokenizer(config)
+        torch_dtype = DTYPES[dtype] if dtype else weights_dtype(config)
+        if target.kind == "run" and not target.is_adapter:  # full fine-tuning: final/ is the whole model
+            model = AutoModelForCausalLM.from_pretrained(target.final_dir, dtype=torch_dtype, trust_remote_code=trust)
+            return _ready(model, tokenizer), tokenizer
+        model = load_base(config, tokenizer, new_ids, dtype=torch_dtype, quantized=quantized)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust:
+            raise needs_remote_code(target.spec) from None
+        raise
     if target.is_adapter:
         from peft import PeftModel
 
@@ -89,11 +125,9 @@ def _ready(model, tokenizer):
 
 @torch.no_grad()
 def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
-    """fp32 logits (T, V) of each chat prompt (a user message) with the generation header, one at a time."""
+    """fp32 logits (T, V) of each chat prompt (a user message) with the generation header, one at a time,
+    from the ids training would use (data.prompt_ids)."""
     out = []
-    for text in prompts:
-        enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        out.append(model(**enc).logits[0].float())  # (T, V)
+    for ids in prompt_ids(tokenizer, [[{"role": "user", "content": text}] for text in prompts]):
+        out.append(model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float())  # (T, V)
     return out

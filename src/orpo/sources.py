@@ -4,7 +4,7 @@
 canonical pair (formats.canonical), applies the entry's score filters and sample size, concatenates, shuffles
 with `data.shuffle_seed` and holds out `data.test_size`. Deterministic for a seed.
 
-A canonical row: `id` ("<source>:<row index>", or the source's own `id`), `source`, `prompt`, `chosen`,
+A canonical row: `id` ("<source>:<row number>", 1-based like every row number orpo shows, or the source's own `id`), `source`, `prompt`, `chosen`,
 `rejected` (message lists), `score_chosen`, `score_rejected` (float or None), `max_tokens` (the entry's
 max_length filter, -1 for none).
 
@@ -81,6 +81,39 @@ def _kind(local: Path) -> str | None:
     return _FILE_KINDS.get("".join(suffixes[-1:]))
 
 
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a reader's error on one line (datasets wraps the parser's own message, e.g. pandas'
+    'EOF inside string starting at row 3' for a quote that is never closed)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(exc).split())[:300]
+    if "EOF inside string" in text:
+        text = f"a quoted field is never closed ({text})"
+    return text
+
+
+def _read_folder(local: Path):
+    """Every data file directly in a folder, in name order, as one dataset; refused when the folder holds none,
+    or files of several kinds (which parse into different columns)."""
+    import datasets
+
+    files = sorted(p for p in local.iterdir() if p.is_file() and _kind(p) is not None)
+    if not files:
+        raise DataError(f"{local}: no data files in this folder (expected {', '.join(sorted(_FILE_KINDS))}, optionally .gz)")
+    kinds = sorted({_kind(p) for p in files})
+    if len(kinds) > 1:
+        listing = "; ".join(f"{kind}: {', '.join(p.name for p in files if _kind(p) == kind)}" for kind in kinds)
+        raise DataError(f"{local}: holds data files of several kinds ({listing}); keep one kind per folder, or list the "
+                        "files as data.mixture entries")
+    empty = [p.name for p in files if p.stat().st_size == 0]
+    if empty:
+        raise DataError(f"{local}: empty data file(s): {', '.join(empty)}")
+    try:
+        return datasets.load_dataset(kinds[0], data_files=[str(p) for p in files], split="train")
+    except Exception as exc:  # datasets wraps parser errors in several types
+        raise DataError(f"{local}: could not be read as {kinds[0]}: {_reason(exc)}") from None
+
+
 def read_rows(path: str, name: str | None = None, split: str = "train"):
     """A `datasets.Dataset` from a local file/folder or a Hub dataset name."""
     import datasets
@@ -95,12 +128,12 @@ def read_rows(path: str, name: str | None = None, split: str = "train"):
         try:
             return datasets.load_dataset(kind, data_files=str(local), split="train")
         except Exception as exc:  # datasets wraps parser errors in several types
-            raise DataError(f"{local}: could not be read as {kind}: {exc}") from None
+            raise DataError(f"{local}: could not be read as {kind}: {_reason(exc)}") from None
     if local.is_dir():
         if (local / "dataset_info.json").exists() or (local / "state.json").exists():
             loaded = datasets.load_from_disk(str(local))
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(str(local), name, split=split)
+        return _read_folder(local)
     if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_KINDS)) or path.endswith(".gz"):
         raise DataError(f"data file not found: {path}")
     from .hub import load_hub_dataset
@@ -125,7 +158,7 @@ def _json_records(local: Path):
             values = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:
             raise DataError(f"{local}: not valid JSON: {str(exc)[:200]}") from None
-        for i, value in enumerate(values):
+        for i, value in enumerate(values, start=1):  # 1-based, as everywhere
             yield f"{stem}:{i}", f"{local} item {i}", value
         return
     for number, line in enumerate(text.splitlines(), start=1):
@@ -136,7 +169,7 @@ def _json_records(local: Path):
             value = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
             value = DataError(f"{where}: not valid JSON: {str(exc)[:200]}")  # counted as read, then as bad
-        yield f"{stem}:{number - 1}", where, value
+        yield f"{stem}:{number}", where, value
 
 
 def read_records(path: str, name: str | None, split: str):
@@ -147,7 +180,7 @@ def read_records(path: str, name: str | None, split: str):
         return
     rows = read_rows(path, name, split)
     stem = local.name.split(".")[0] if local.exists() else path.replace("/", "_")
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start=1):  # 1-based, as everywhere
         yield f"{stem}:{i}", f"{path} row {i}", row
 
 

@@ -1,6 +1,7 @@
 """The training loop on Accelerate, top to bottom: set-up, before-eval, steps, checkpoints, after-eval, save.
 
-One optimizer step = `gradient_accumulation_steps` micro-batches. Their token and pair counts are summed
+One optimizer step = `gradient_accumulation_steps` micro-batches (fewer for an epoch's last step: a step never
+runs past the end of an epoch, so one epoch visits every pair once). Their token and pair counts are summed
 (and summed over processes) before the first backward, so each micro-batch's loss is already divided by
 the whole step's counts: the accumulated gradient is the gradient of one big batch (see loss.Norm).
 """
@@ -17,8 +18,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TrainState, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
-from .config import Config, save_config
+from .checkpoint import (
+    NonFiniteError,
+    TrainState,
+    check_finite,
+    check_output_dir,
+    check_resume_config,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_output_dir,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, load_config, save_config
 from .data import PairSampler
 from .evaluate import preference_metrics, task_accuracy
 from .inspect_data import load_checked
@@ -28,7 +41,7 @@ from .loss import Norm, add_stats, finish_metrics, orpo_loss
 from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
 from .report import write_report
-from .tracking import MetricsLog, flat_params
+from .tracking import MetricsLog, check_trackers, dump_json, flat_params
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,22 @@ def global_norm(batches: list[Batch], accelerator) -> Norm:
         counts += torch.tensor([float(batch.nll.sum()), float(batch.pairs)], device=accelerator.device)
     counts = accelerator.reduce(counts, reduction="sum")
     return Norm(nll_tokens=float(counts[0]), pairs=float(counts[1]))
+
+
+def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, accelerator) -> bool:
+    """True when the step's loss and gradient norm are finite on every process (all decide alike)."""
+    bad = (~torch.isfinite(loss.detach().float())).float() + (~torch.isfinite(grad_norm.detach().float())).float()
+    return float(accelerator.reduce(bad.reshape(1).to(accelerator.device), reduction="sum")) == 0
+
+
+def nonfinite_error(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, out: Path) -> NonFiniteError:
+    found = list_checkpoints(out)
+    last = f"the last checkpoint is {found[-1].name}" if found else "there is no checkpoint"
+    return NonFiniteError(
+        f"step {step}: loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}: not finite. Training stopped before "
+        f"applying this step; nothing non-finite was saved ({last}). Lower learning_rate or check the data; "
+        "on_nonfinite=skip skips such steps instead"
+    )
 
 
 def run_layout(config: Config, model, tokenizer, batch_size: int, device):
@@ -98,18 +127,27 @@ def train(config: Config) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    check_trackers(config)
     out = Path(config.output_dir)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     accelerator = Accelerator(mixed_precision=mixed, log_with=config.report_to or None, project_dir=str(out))
     main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+    checkpoint = resolve_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    if checkpoint is not None:  # settings that change what is learned must be the checkpoint's
+        saved_state = json.loads((checkpoint / "trainer_state.json").read_text())
+        check_resume_config(load_config(checkpoint / "config.yaml"), config, checkpoint, saved_state["step"])
+    check_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)  # before any work
     set_seed(config.seed)
 
     tokenizer, new_token_ids = load_tokenizer(config)
     train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer)  # refuses data with errors
     log.info("data: %s", report.as_dict())
+    if main:  # the first write into output_dir: the config and data have passed every check
+        prepare_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)
+        save_config(config, out / "config.yaml")
+    # Seeded again here so that LoRA's init and dropout depend on the seed only, not on how much randomness data
+    # loading used (a cold tokenization cache must give the run a warm one gives).
+    set_seed(config.seed)
     model = load_model(config, tokenizer, new_token_ids)
     if config.layout == "packed":
         check_packed(model)  # a model the packed layout cannot serve stops here, before any work
@@ -117,26 +155,32 @@ def train(config: Config) -> dict:
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     sampler = PairSampler(len(train_ds), config.per_device_train_batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch() / config.gradient_accumulation_steps)
+    per_epoch = sampler.batches_per_epoch()  # micro-batches
+    steps_per_epoch = math.ceil(per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = TrainState()
-    if config.resume_from_checkpoint:
-        path = resolve_checkpoint(out, config.resume_from_checkpoint)
-        state = load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
-        log.info("resumed from %s at step %d", path, state.step)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+        log.info("resumed from %s at step %d", checkpoint, state.step)
 
-    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator if config.report_to else None, enabled=main)
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator if config.report_to else None, enabled=main,
+                             resume_step=state.step if checkpoint is not None else None)
     if config.report_to:
         accelerator.init_trackers("orpo", config=flat_params(json.loads(config.model_dump_json())))
     summary: dict = {"data": report.as_dict(), "total_steps": total_steps}
     eval_every = config.eval_interval(total_steps)
+    before = out / "eval_before.json"  # kept for a resumed run's summary
     if eval_ds is not None and config.eval_on_start and state.step == 0:
         summary["before"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "before")
         metrics_log.write(0, {f"eval_{k}": v for k, v in summary["before"].items() if k != "samples"})
+        if main:
+            dump_json(summary["before"], before)
+    elif checkpoint is not None and before.is_file():
+        summary["before"] = json.loads(before.read_text())
 
     layout = run_layout(config, model, tokenizer, config.per_device_train_batch_size, accelerator.device)
     log.info("layout: %s (%s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch")
@@ -145,9 +189,12 @@ def train(config: Config) -> dict:
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
     window, window_tokens, window_steps, window_start = None, 0, 0, time.perf_counter()
     while state.step < total_steps:
-        groups = [next(stream) for _ in range(config.gradient_accumulation_steps)]  # the step's pairs, sampler order
+        # The step's micro-batches, in sampler order; never past an epoch's end (its last step may be short).
+        take = min(config.gradient_accumulation_steps, per_epoch - state.micro_batches % per_epoch)
+        groups = [next(stream) for _ in range(take)]
         batches = [b.to(accelerator.device) for b in layout.batches(groups)]  # forward passes
         norm = global_norm(batches, accelerator)
+        step_loss, step_stats = torch.zeros((), device=accelerator.device), None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
@@ -155,32 +202,42 @@ def train(config: Config) -> dict:
                 loss, stats = orpo_loss(logps, batch.response, batch.nll, config.beta, norm)
             # DDP averages gradients over processes; the loss is already a global mean, so undo that average.
             accelerator.backward(loss * accelerator.num_processes)
-            window = add_stats(window, stats)
-        grad_norm = None
-        if config.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
+            step_loss, step_stats = step_loss + loss.detach(), add_stats(step_stats, stats)
+        # Clipping at inf when off: the norm is still measured (logged, and checked below), the gradient unchanged.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+        state.step += 1
+        if all_finite(step_loss, grad_norm, accelerator):
+            optimizer.step()
+            window = add_stats(window, step_stats)
+        elif config.on_nonfinite == "stop":
+            bar.close()  # the error line goes below the bar, not into it
+            raise nonfinite_error(state.step, step_loss, grad_norm, out)
+        else:
+            state.skipped_steps += 1
+            log.warning("step %d skipped: loss %.4g, gradient norm %.4g (on_nonfinite=skip)", state.step, float(step_loss), float(grad_norm))
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        state.step += 1
         state.micro_batches += len(groups)
         step_tokens = sum(b.tokens for b in batches)
         state.tokens += step_tokens
         window_tokens, window_steps = window_tokens + step_tokens, window_steps + 1
         bar.update(1)
 
-        if state.step % config.logging_steps == 0 or state.step == total_steps:
+        logged = state.step % config.logging_steps == 0 or state.step == total_steps
+        if logged:
             elapsed = time.perf_counter() - window_start
-            values = finish_metrics({k: accelerator.reduce(v, reduction="sum") for k, v in window.items()}, config.beta)
+            values = finish_metrics({k: accelerator.reduce(v, reduction="sum") for k, v in window.items()}, config.beta) if window else {}
             values.update(
                 learning_rate=scheduler.get_last_lr()[0],
-                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),  # sync point
-                epoch=state.micro_batches / sampler.batches_per_epoch(),
+                grad_norm=float(grad_norm),  # sync point
+                epoch=state.micro_batches / per_epoch,
                 tokens_per_second=window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
                 seconds_per_step=elapsed / window_steps,
+                skipped_steps=state.skipped_steps,
             )
             metrics_log.write(state.step, values)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
+            if window:
+                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
             window, window_tokens, window_steps = None, 0, 0
         if eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
             metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}", generate=False)
@@ -188,7 +245,7 @@ def train(config: Config) -> dict:
         if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps and main:
             save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, config)
             prune_checkpoints(out, config.save_total_limit)
-        if window is None:  # a log step just closed the window: time from here, not counting eval or saving
+        if logged:  # a log step just closed the window: time from here, not counting eval or saving
             window_start = time.perf_counter()
     bar.close()
 
@@ -197,9 +254,11 @@ def train(config: Config) -> dict:
         metrics_log.write(state.step, {f"eval_{k}": v for k, v in summary["after"].items() if k != "samples"})
     accelerator.wait_for_everyone()
     if main:
+        check_finite(accelerator.unwrap_model(model), "final/")
         summary["final_model"] = str(save_final(accelerator.unwrap_model(model), tokenizer, out / "final"))
         summary["steps"] = state.step
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["skipped_steps"] = state.skipped_steps
+        dump_json(summary, out / "summary.json")
         write_report(out)  # report.html + plots/*.png from metrics.jsonl and summary.json
     metrics_log.close()
     if config.report_to:
