@@ -379,3 +379,14 @@ def test_a_tracker_that_is_not_installed_is_a_config_error(chat_model_dir, pairs
     assert main(["train", *overrides(chat_model_dir, pairs_file, out, report_to="wandb")]) == 2
     assert "report_to=wandb: the wandb package is not installed (pip install wandb" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_seeded_run_repeats_with_a_cold_or_warm_data_cache(chat_model_dir, pairs_file, tmp_path):
+    """Same config and seed, the tokenized-data cache cold then warm: every logged number equal to the last digit
+    (dropout on, so LoRA's init and masks must come from the same random stream)."""
+    common = dict(max_steps=4, gradient_accumulation_steps=2, eval_steps=2, **{"lora.dropout": 0.1, "data.cache_dir": str(tmp_path / "cache")})
+    runs = []
+    for name in ("cold", "warm"):
+        train(load_config(None, overrides(chat_model_dir, pairs_file, tmp_path / name, **common)))
+        runs.append([{k: v for k, v in m.items() if k not in ("time", "tokens_per_second", "seconds_per_step")} for m in read_metrics(tmp_path / name)])
+    assert any((tmp_path / "cache").iterdir()) and runs[0] == runs[1]
