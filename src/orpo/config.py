@@ -288,6 +288,16 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _model_of(annotation: Any) -> Any:
+    """The config section a field holds: the annotation itself, or the model inside it (list[MixtureEntry] ->
+    MixtureEntry); else the annotation unchanged."""
+    return next((a for a in (annotation, *get_args(annotation)) if _is_model(a)), annotation)
+
+
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "config"
     kind = error["type"]
@@ -297,10 +307,8 @@ def _describe(error: dict) -> str:
         for part in error["loc"][:-1]:
             if isinstance(part, int):  # a list index (data.mixture.0): stay on the item model
                 continue
-            field = parent.model_fields.get(str(part)) if isinstance(parent, type) and issubclass(parent, BaseModel) else None
-            parent = field.annotation if field is not None else parent
-            # list[MixtureEntry] -> MixtureEntry
-            parent = next((a for a in get_args(parent) if isinstance(a, type) and issubclass(a, BaseModel)), parent)
+            field = parent.model_fields.get(str(part)) if _is_model(parent) else None
+            parent = _model_of(field.annotation) if field is not None else parent
         allowed = ", ".join(sorted(parent.model_fields)) if isinstance(parent, type) and issubclass(parent, BaseModel) else "?"
         return f"unknown key '{key}'. Allowed here: {allowed}"
     if kind == "literal_error":
@@ -319,14 +327,12 @@ def _field_loc(loc: tuple) -> tuple:
         if isinstance(part, int):
             kept.append(part)
             continue
-        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        fields = model.model_fields if _is_model(model) else {}
         if part not in fields:
             break
         kept.append(part)
-        annotation = fields[part].annotation
-        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
-        model = next((a for a in get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), model)
-    return tuple(kept) if len(kept) else loc
+        model = _model_of(fields[part].annotation)
+    return tuple(kept) or loc
 
 
 def _problems(errors: list[dict]) -> list[str]:

@@ -54,7 +54,7 @@ class MetricsLog:
         self.enabled = enabled
         self.accelerator = accelerator
         if enabled and resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _step(line) is not None and _step(line) <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if (step := _step(line)) is not None and step <= resume_step]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
@@ -63,7 +63,7 @@ class MetricsLog:
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        clean = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in values.items()}
+        clean = {k: finite_json(v) if isinstance(v, (int, float)) else None for k, v in values.items()}
         self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}, allow_nan=False) + "\n")
         self.file.flush()
         if self.accelerator is not None:

@@ -3,7 +3,8 @@ line saying what to use instead.
 
 Most training keys already share TRL's names and meanings (config.py). This module handles the rest of what a
 TRL config holds, on the top level of the config tree, before validation: `translate(tree)` returns the tree
-with mapped keys turned into orpo's and raises ConfigError naming every key that has no meaning here.
+with mapped keys turned into orpo's, and one line for every key that has no meaning here (config.load_config
+raises them as one ConfigError).
 """
 
 from __future__ import annotations
