@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from orpo.attention import PACKED_MODEL_TYPES, packed_problem
+from orpo.attention import PACKED_MODEL_TYPES, _window, packed_problem, register_split
 from orpo.config import ConfigError, load_config
-from orpo.layout import Layout, pack, pair_length
+from orpo.layout import SPLIT, Layout, pack, pair_length
 from orpo.logps import check_packed, forward_logps
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -39,6 +39,7 @@ def tiny_model(kind: str, kernel: str):
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     config = CONFIG_MAPPING[kind](**COMMON, **EXTRA[kind])
+    register_split()
     torch.manual_seed(0)
     try:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=kernel).float()
@@ -62,7 +63,7 @@ def logps_and_grads(model, batches, records, layout):
     """Per-pair token log-probs (each pair's chosen and rejected grid rows, in step order) and the gradient
     of their sum with respect to every weight."""
     order = iter(list(range(len(records))) if layout.kind == "plain" else
-                 [i for rows in pack([pair_length(r) for r in records], layout.max_tokens) for row in rows for i in row])
+                 [i for rows in pack([pair_length(r) for r in records], layout.max_tokens, layout.one_row) for row in rows for i in row])
     rows, total = {}, 0.0
     for batch in batches:
         logps = forward_logps(model, batch, chunk=5)  # (2b, W)
@@ -74,20 +75,28 @@ def logps_and_grads(model, batches, records, layout):
     return [rows[i] for i in range(len(records))], grads
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", SPLIT])
 @pytest.mark.parametrize("kind", PACKED_MODEL_TYPES)
-def test_packed_equals_plain_on_every_supported_model(kind, kernel):
+def test_packed_equals_plain_on_every_supported_model(kind, kernel, monkeypatch):
     model = tiny_model(kind, kernel)
     assert packed_problem(model.config) is None
     check_packed(model)
     records = random_pairs()
     plain = Layout("plain", 0, True, 0)
-    packed = Layout("packed", 0, True, 48)
+    packed = Layout("packed", 0, True, 48, one_row=kernel == SPLIT)
     want, want_grads = logps_and_grads(model, plain.batches([records]), records, plain)
     batches = packed.batches([records])
     assert len(batches) > 1  # several passes, one of them with several rows, one row with two pairs
-    assert any(b.input_ids.shape[0] > 1 for b in batches) and any(int(b.segment.max()) > 0 for b in batches)
+    assert any(b.input_ids.shape[0] > 1 or kernel == SPLIT for b in batches) and any(int(b.segment.max()) > 0 for b in batches)
+    if kernel == SPLIT:  # the split runs wherever no window cuts a pair: count the pieces it computes
+        pieces = []
+        real = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: pieces.append(k.get("is_causal")) or real(*a, **k))
     got, got_grads = logps_and_grads(model, batches, records, packed)
+    if kernel == SPLIT:
+        types = getattr(model.config, "layer_types", None) or [None] * model.config.num_hidden_layers
+        unwindowed = sum(_window(model.config, t) is None for t in types)  # windows here cut pairs: dense mask
+        assert pieces.count(True) == unwindowed * len(records)  # one causal call per pair and such layer
     for (gc, gr), (wc, wr) in zip(got, want, strict=True):
         assert_close(gc, wc, rtol=1e-5, atol=1e-5) and assert_close(gr, wr, rtol=1e-5, atol=1e-5)
     scale = max(float(g.abs().max()) for g in want_grads if g is not None)

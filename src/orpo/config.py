@@ -38,7 +38,7 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (dequantized to fp32 on load).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 when bf16 is on, float16 when fp16 is on, else float32.")
-    attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2"] | None = Field(None, description="Attention kernel; null lets transformers choose (sdpa where the model has it). The packed layout takes sdpa, eager or flex_attention (block-sparse, CUDA; opt-in).")
+    attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2"] | None = Field(None, description="Attention kernel; null lets transformers choose (sdpa where the model has it). The packed layout takes sdpa (on a CPU run pair by pair: attention.split_attention), eager or flex_attention (block-sparse, CUDA; opt-in).")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository.")
     chat_template: Literal["auto", "chatml", "own"] = Field("auto", description="auto: the model's own template, ChatML set-up when it has none; chatml: always set up ChatML (the reference job); own: require the model's template.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the base weights in 4-bit with bitsandbytes.")

@@ -30,6 +30,8 @@ from .data import collate
 from .loss import loss_masks
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3  # token roles in a packed row
+SPLIT = "orpo_split_sdpa"  # the attention kernel attention.split_attention registers: it reads a row pair by pair
+ONE_ROW_KERNELS = ("flex_attention", SPLIT)  # kernels whose cost does not grow with a row's other pairs
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Batch:
     source: torch.Tensor | None = None  # (N,) index into the (R*L) hidden states that scores each token
     target: torch.Tensor | None = None  # (N,) the token id scored there
     dest: torch.Tensor | None = None  # (N,) index into the flattened (2b*W) grid
+    spans: tuple | None = None  # per row, (offset, P, C, R) of each pair in it (attention.split_attention)
 
     @property
     def packed(self) -> bool:
@@ -121,13 +124,15 @@ def packed_batch(rows: list[list[dict]], pad_id: int, nll_on_prompt: bool) -> Ba
     role = torch.full(shape, PAD, dtype=torch.long)  # (R, L)
     response = torch.zeros((2 * b, max(width, 1)), dtype=torch.bool)  # (2b, W)
     nll = torch.zeros_like(response)  # (2b, W)
-    source, target, dest = [], [], []
+    source, target, dest, spans = [], [], [], []
     i = 0  # pair index within the pass
     for r, row in enumerate(rows):
         offset = 0
+        spans.append([])
         for s, rec in enumerate(row):
             prompt, chosen, rejected = rec["prompt_ids"], rec["chosen_ids"], rec["rejected_ids"]
             p, c, n = len(prompt), len(chosen), len(rejected)
+            spans[-1].append((offset, p, c, n))
             end = offset + p + c + n
             input_ids[r, offset:end] = torch.tensor(prompt + chosen + rejected)
             positions[r, offset:end] = torch.cat([torch.arange(p + c), torch.arange(p, p + n)])
@@ -169,6 +174,7 @@ def packed_batch(rows: list[list[dict]], pad_id: int, nll_on_prompt: bool) -> Ba
         source=torch.cat(source),
         target=torch.cat(target),
         dest=torch.cat(dest),
+        spans=tuple(tuple(row) for row in spans),
     )
 
 
@@ -180,7 +186,7 @@ class Layout:
     pad_id: int
     nll_on_prompt: bool
     max_tokens: int  # packed: token budget of one pass, padding included
-    one_row: bool = False  # packed: one row per pass (block-sparse attention kernels)
+    one_row: bool = False  # packed: one row per pass (ONE_ROW_KERNELS)
 
     def batches(self, groups: list[list[dict]]) -> list[Batch]:
         """The micro-batches of one step (lists of tokenized pairs, sampler order) -> forward passes.
@@ -203,4 +209,4 @@ def make_layout(config: Config, pad_id: int, batch_size: int, device: torch.devi
     budget = config.max_tokens_per_batch
     if budget is None:
         budget = config.max_length if device.type == "cpu" else 2 * batch_size * config.max_length
-    return Layout(config.layout, pad_id, config.nll_on_prompt, budget, one_row=kernel == "flex_attention")
+    return Layout(config.layout, pad_id, config.nll_on_prompt, budget, one_row=kernel in ONE_ROW_KERNELS)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import model_mask, packed_problem
+from .attention import SPLIT, model_mask, packed_problem
 from .layout import Batch
 from .loss import token_logps
 
@@ -218,6 +218,7 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
     lm = causal_lm(model)
     captured = []
     hook = lm.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    split = {"orpo_spans": batch.spans} if lm.config._attn_implementation == SPLIT else {}  # to split_attention
     try:
         model(
             input_ids=batch.input_ids,
@@ -225,6 +226,7 @@ def final_hidden(model, batch: Batch) -> torch.Tensor:
             position_ids=batch.position_ids,
             logits_to_keep=torch.empty(0, dtype=torch.long, device=batch.input_ids.device),
             use_cache=False,
+            **split,
         )
     finally:
         hook.remove()

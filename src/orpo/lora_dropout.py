@@ -8,7 +8,8 @@ lora_A's weight gradient). q, k and v each keep their own pair for the same inpu
 `fuse_lora_dropout(model)` swaps each such `lora_A` (an nn.Linear) for a `DropoutLinear` holding the same weight
 (state dict, saving, merging unchanged) and the dropout for an identity. Its autograd function keeps a reference
 to the input (shared by the layers that read it, and often kept alive anyway) and the keep mask as one bool per
-element; the dropped input is rebuilt in backward. The mask comes from 16-bit lanes of random int64 words: an
+element; the dropped input is rebuilt in backward. An input that can be computed again from tensors kept anyway
+(a gated MLP's product, gated_mlp.REBUILD) is not kept at all: backward computes it again, to the same bits. The mask comes from 16-bit lanes of random int64 words: an
 element is dropped when its lane falls under round(p * 65536), so p is rounded to a multiple of 1/65536
 (0.05 -> 0.0500031) and kept elements are scaled by 1 / (1 - that p), which keeps the layer's expectation exact.
 In eval mode (and with p = 0) the layer is the plain linear map.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .gated_mlp import REBUILD
 
 LANES = 1 << 16  # values of one 16-bit lane
 
@@ -40,14 +43,15 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
 
 class _DropoutLinear(torch.autograd.Function):
-    """y = (x * keep / (1 - p)) @ W^T, saving x and the bool mask instead of two fp32 copies."""
+    """y = (x * keep / (1 - p)) @ W^T, saving x (or how to rebuild it) and the bool mask instead of two fp32 copies."""
 
     @staticmethod
-    def forward(ctx, x, weight, p):  # x (..., in), weight (out, in)
+    def forward(ctx, x, weight, p, rebuild=None):  # x (..., in), weight (out, in)
         keep = keep_mask(x.shape, p, x.device)
         scale = 1.0 / (1.0 - effective_p(p))
         y = F.linear(x * keep * scale, weight)  # under autocast the matmul runs in the autocast dtype
-        ctx.save_for_backward(x, weight, keep)
+        ctx.rebuild, ctx.x_dtype = rebuild, x.dtype
+        ctx.save_for_backward(None if rebuild else x, weight, keep)
         ctx.scale = scale
         return y
 
@@ -57,11 +61,12 @@ class _DropoutLinear(torch.autograd.Function):
         compute = grad_y.dtype  # the forward's matmul dtype (autocast or not); backward runs in it too
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ weight.to(compute)).mul_(keep).mul_(ctx.scale).to(x.dtype)
+            grad_x = (grad_y @ weight.to(compute)).mul_(keep).mul_(ctx.scale).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
+            x = ctx.rebuild() if ctx.rebuild is not None else x
             dropped = (x.to(compute) * keep).mul_(ctx.scale)
             grad_weight = (grad_y.reshape(-1, grad_y.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
 
 
 class DropoutLinear(nn.Linear):
@@ -72,7 +77,7 @@ class DropoutLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return F.linear(x, self.weight)
-        return _DropoutLinear.apply(x, self.weight, self.p)
+        return _DropoutLinear.apply(x, self.weight, self.p, getattr(x, REBUILD, None))
 
 
 def fuse_lora_dropout(model: nn.Module) -> int:

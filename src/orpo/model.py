@@ -10,7 +10,9 @@ import torch
 from .builtin.model import builtin_model_dir
 from .checkpoint import atomic_folder
 from .config import BUILTIN, Config
+from .gated_mlp import fuse_gated_mlps
 from .lora_dropout import fuse_lora_dropout
+from .lora_linear import fuse_lora_linears
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.
 def load_model(config: Config, tokenizer, new_token_ids: list[int]):
     """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled."""
     model = load_base(config, tokenizer, new_token_ids)
+    fuse_gated_mlps(model)  # the same numbers, a quarter less MLP activation memory
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -138,6 +141,7 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int]):
     )
     model = get_peft_model(model, lora)
     fuse_lora_dropout(model)  # same dropout, drawn faster, one bool mask kept instead of two fp32 copies
+    fuse_lora_linears(model)  # each plain LoRA layer as one function: scales folded, one elementwise pass
     return model
 
 

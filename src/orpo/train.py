@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .attention import use_split
 from .checkpoint import (
     NonFiniteError,
     TrainState,
@@ -83,7 +84,8 @@ def nonfinite_error(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, out:
 
 def run_layout(config: Config, model, tokenizer, batch_size: int, device):
     """The config's layout for this model (its attention kernel) and device."""
-    kernel = getattr(causal_lm(model).config, "_attn_implementation", None)
+    lm = causal_lm(model)
+    kernel = use_split(lm.config, device) if config.layout == "packed" else lm.config._attn_implementation
     return make_layout(config, tokenizer.pad_token_id, batch_size, device, kernel)
 
 
@@ -183,7 +185,8 @@ def train(config: Config) -> dict:
         summary["before"] = json.loads(before.read_text())
 
     layout = run_layout(config, model, tokenizer, config.per_device_train_batch_size, accelerator.device)
-    log.info("layout: %s (%s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch")
+    kernel = causal_lm(model).config._attn_implementation
+    log.info("layout: %s (%s; attention %s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch", kernel)
     stream = micro_batch_stream(sampler, train_ds, state.micro_batches)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)

@@ -1,0 +1,77 @@
+"""Gated MLPs that keep two of their three wide tensors for backward, with the same numbers.
+
+Llama-style models compute `down_proj(act(gate_proj(x)) * up_proj(x))`. Autograd keeps, per layer and token,
+four tensors of the intermediate size: the gate (for act's backward), act(gate) and up (for the product's
+backward), and the product (for down_proj's LoRA or weight gradient). `GatedProduct` keeps the gate and up
+only and recomputes act(gate) in backward with the same operators. The product itself carries a way to rebuild
+it (`REBUILD`), which down_proj's fused LoRA dropout (lora_dropout.py) keeps instead of the tensor. The forward
+and every gradient stay bitwise those of the model's own code, with half of the MLP's activation memory of a
+LoRA step (a quarter of it on SmolLM2).
+
+`fuse_gated_mlps(model)` swaps the class of each MLP whose forward is exactly that expression (checked in its
+source, so a transformers release that changes it is left alone) for a subclass with the fused forward.
+Parameters, state dicts and saving are unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+REBUILD = "orpo_rebuild"  # attribute of a product: a function of no arguments that computes it again
+
+
+class GatedProduct(torch.autograd.Function):
+    """act(gate) * up, keeping gate and up (act recomputed in backward)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_(gate.requires_grad)
+            activated = ctx.act(leaf)
+        grad_up = grad * activated.detach() if ctx.needs_input_grad[1] else None
+        grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up, None
+
+
+def _fused_forward(self, x):
+    gate, up, act = self.gate_proj(x), self.up_proj(x), self.act_fn
+    product = GatedProduct.apply(gate, up, act)
+    setattr(product, REBUILD, lambda: act(gate.detach()) * up.detach())  # gate and up are kept for backward anyway
+    return self.down_proj(product)
+
+
+_FUSED: dict[type, type | None] = {}  # MLP class -> its fused subclass (None: not fusable)
+
+
+def _fusable(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return EXPRESSION in " ".join(source.split())
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Give every Llama-style gated MLP of `model` the fused forward; returns how many."""
+    fused = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.forward is _fused_forward or not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            continue
+        if cls not in _FUSED:
+            _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "__module__": __name__}) if _fusable(cls) else None
+        if _FUSED[cls] is not None:
+            module.__class__ = _FUSED[cls]
+            fused += 1
+    return fused
