@@ -164,3 +164,19 @@ def test_flex_attention_block_mask_equals_plain():
     w = min(want.shape[1], got.shape[1])
     mask = Layout("plain", 0, True, 0).batches([records])[0].response[index][:, :w]
     assert_close(got[:, :w][mask], want[index][:, :w][mask], rtol=1e-4, atol=1e-4)
+
+
+def test_the_run_uses_the_split_on_a_cpu_only_for_the_packed_layout(chat_model_dir):
+    """run_layout: an sdpa model goes pair by pair on a CPU with the packed layout (one row per pass); the
+    plain layout, eager and other devices keep their kernel."""
+    from conftest import make_tokenizer
+    from orpo.train import run_layout
+
+    tokenizer = make_tokenizer(chat=True)
+    for layout, kernel, device, want in [("packed", "sdpa", "cpu", SPLIT), ("plain", "sdpa", "cpu", "sdpa"),
+                                         ("packed", "eager", "cpu", "eager"), ("packed", "sdpa", "cuda", "sdpa")]:
+        model = tiny_model("llama", kernel)
+        config = load_config(None, [f"layout={layout}", f"model.attn_implementation={kernel}"])
+        plan = run_layout(config, model, tokenizer, 2, torch.device(device))
+        assert model.config._attn_implementation == want
+        assert plan.one_row == (want == SPLIT)

@@ -80,6 +80,7 @@ def test_the_fast_path_is_the_default_and_its_budget_follows_the_device():
     assert (cpu.kind, cpu.max_tokens, cpu.one_row) == ("packed", 512, False)
     assert make_layout(cfg, 0, 2, torch.device("cuda"), "sdpa").max_tokens == 2048
     assert make_layout(cfg, 0, 2, torch.device("cuda"), "flex_attention").one_row
+    assert make_layout(cfg, 0, 2, torch.device("cpu"), "orpo_split_sdpa").one_row
     set_budget = load_config(None, ["max_tokens_per_batch=3000", "layout=plain"])
     assert make_layout(set_budget, 0, 2, torch.device("cpu"), "sdpa").max_tokens == 3000
     assert make_layout(set_budget, 0, 2, torch.device("cpu"), "sdpa").kind == "plain"
