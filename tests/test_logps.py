@@ -52,9 +52,17 @@ def head_case(trained: bool, bias: bool, rows: bool, softcap, n=47, h=12, v=53, 
 @pytest.mark.parametrize("rows", [False, True], ids=["", "new-rows"])
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["", "softcap"])
 @pytest.mark.parametrize("chunk", [8, 1000])
-def test_head_logps_equal_full_logits(trained, bias, rows, softcap, chunk):
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+def test_head_logps_equal_full_logits(trained, bias, rows, softcap, chunk, keep, monkeypatch):
     """N = 47 tokens in chunks of 8 (last one 7) or one chunk: values and the gradients of hidden states,
-    weight, bias and the trained rows equal full logits through autograd (fp32, 1e-5)."""
+    weight, bias and the trained rows equal full logits through autograd (fp32, 1e-5); a trained layer's
+    d log p / d logits kept by the forward or recomputed by the backward."""
+    import orpo.logps
+
+    if not trained and not keep:
+        pytest.skip("a frozen layer keeps d log p / d h either way")
+    if not keep:
+        monkeypatch.setattr(orpo.logps, "KEEP_ELEMENTS", 0)
     hidden, weight, b, idx, delta, cap, target = head_case(trained, bias, rows, softcap)
     upstream = torch.linspace(-1.0, 2.0, hidden.shape[0])  # (N,) any incoming gradient
     inputs = [t for t in (hidden, weight, b, delta) if t is not None and t.requires_grad]
@@ -81,10 +89,14 @@ def test_head_logps_under_bf16_autocast_match_the_model_head():
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
-def test_head_saves_nothing_of_vocabulary_size(trained):
+def test_head_saves_nothing_of_vocabulary_size(trained, monkeypatch):
     """The autograd graph keeps no (tokens x vocabulary) tensor: memory is O(chunk x V) during the call
-    and O(N x H) after it (full logits would keep N x V = 2,000 x 5,000 floats)."""
+    and O(N x H) after it (full logits would keep N x V = 2,000 x 5,000 floats), once N x V is past what a
+    trained layer may keep (KEEP_ELEMENTS, here lowered under N x V)."""
+    import orpo.logps
+
     n, h, v = 2000, 16, 5000
+    monkeypatch.setattr(orpo.logps, "KEEP_ELEMENTS", n * v - 1)
     hidden = torch.randn(n, h, requires_grad=True)
     weight = torch.randn(v, h, requires_grad=trained)
     target = torch.randint(0, v, (n,))

@@ -11,7 +11,8 @@ so the loss's memory is O(chunk x vocabulary) whatever the batch and sequence le
 stores a chunk's logits: with a frozen output layer (LoRA, QLoRA) each chunk's d log p / d h =
 (onehot(y) - softmax) W (times the softcap's derivative) is formed in the forward, right after the
 logits it needs, and kept (N, H); the backward only scales it by the incoming gradient. With a trained
-output layer (full fine-tuning) the backward recomputes each chunk's logits for W's gradient. The rows of
+output layer (full fine-tuning) the backward recomputes each chunk's logits for W's gradient, unless the
+pass's d log p / d logits fits in KEEP_ELEMENTS values: then the forward keeps it and the backward scales it. The rows of
 tokens added by the ChatML set-up (peft trainable tokens) train either way: their few logit columns are
 kept per token, (N, k).
 """
@@ -27,6 +28,7 @@ from .layout import Batch
 from .loss import token_logps
 
 CHUNK_ELEMENTS = 1 << 24  # default chunk: 16M fp32 logits (64 MB) per chunk, whatever the vocabulary
+KEEP_ELEMENTS = 2 * CHUNK_ELEMENTS  # a trained output layer keeps d log p / d logits up to this size (128 MB)
 
 
 def causal_lm(model):
@@ -132,13 +134,16 @@ class _HeadLogps(torch.autograd.Function):
         d = delta.to(dtype) if delta is not None else None
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         keep_grad = mode == "frozen"  # d log p / d h formed here, backward only scales it
+        kept = [] if mode == "keep" else None  # a trained layer's d log p / d logits per chunk, small enough to keep
         dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if keep_grad else None  # (N, H)
         drows = torch.empty((hidden.shape[0], rows.numel()), device=hidden.device) if keep_grad and rows is not None else None
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl].to(dtype)  # (c, H)
             logits, capped = _chunk_logits(h, w, bias, rows, d, softcap)  # (c, V)
-            out[sl], grad = _logp_and_grad(logits, capped, target[sl], keep_grad)  # (c,), (c, V)
+            out[sl], grad = _logp_and_grad(logits, capped, target[sl], keep_grad or kept is not None)  # (c,), (c, V)
+            if kept is not None:
+                kept.append(grad)
             if keep_grad:
                 g = grad.to(dtype)
                 dh_chunk = g @ w  # (c, H)
@@ -147,7 +152,8 @@ class _HeadLogps(torch.autograd.Function):
                     drows[sl] = grad[:, rows]
                 dh[sl] = dh_chunk.to(hidden.dtype)
         ctx.mode, ctx.softcap, ctx.chunk, ctx.dtype = mode, softcap, chunk, dtype
-        needs_hidden = mode == "recompute" or drows is not None  # frozen mode keeps dh instead of hidden
+        ctx.kept = kept
+        needs_hidden = mode in ("recompute", "keep") or drows is not None  # frozen mode keeps dh instead of hidden
         ctx.save_for_backward(hidden if needs_hidden else None, weight, bias, delta, rows, target, dh, drows)
         return out
 
@@ -161,7 +167,7 @@ class _HeadLogps(torch.autograd.Function):
             if drows is not None and ctx.needs_input_grad[3]:
                 grad_delta = ((drows * g[:, None]).T @ hidden.float()).to(delta.dtype)  # (k, H)
             return grad_hidden, None, None, grad_delta, None, None, None, None, None, None
-        # "recompute": a trained output layer; each chunk's logits are rebuilt for W's gradient.
+        # "recompute"/"keep": a trained output layer; each chunk's d log p / d logits is rebuilt (or was kept).
         dtype, w = ctx.dtype, weight.to(ctx.dtype)
         d = delta.to(dtype) if delta is not None else None
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -171,8 +177,11 @@ class _HeadLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
             h = hidden[sl].to(dtype)  # (c, H)
-            logits, capped = _chunk_logits(h, w, bias, rows, d, ctx.softcap)  # (c, V)
-            grad = _logp_and_grad(logits, capped, target[sl], True)[1].mul_(g[sl, None])  # (c, V)
+            if ctx.kept is not None:  # kept by the forward
+                grad = ctx.kept[start // ctx.chunk].mul_(g[sl, None])  # (c, V)
+            else:
+                logits, capped = _chunk_logits(h, w, bias, rows, d, ctx.softcap)  # (c, V)
+                grad = _logp_and_grad(logits, capped, target[sl], True)[1].mul_(g[sl, None])  # (c, V)
             if grad_delta is not None:
                 grad_delta.addmm_(grad[:, rows].T, h.float())
             if grad_bias is not None:
@@ -185,6 +194,7 @@ class _HeadLogps(torch.autograd.Function):
                 grad_hidden[sl] = (gh + dh_rows if rows is not None else gh).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(grad.T, h.float())  # (V, H), accumulated in place
+        ctx.kept = None  # scaled in place above: a second backward recomputes
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
@@ -206,7 +216,7 @@ def head_logps(hidden: torch.Tensor, head: Head, target: torch.Tensor, chunk: in
     chunk = max(1, -(-hidden.shape[0] // max(pieces, 1)))  # as many chunks, evenly sized (no tiny last one)
     dtype = _compute_dtype(hidden, head.weight)
     trained = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
-    mode = "recompute" if trained else "frozen"
+    mode = "frozen" if not trained else "keep" if hidden.shape[0] * head.vocab <= KEEP_ELEMENTS else "recompute"
     if not torch.is_grad_enabled():
         mode = "none"
     return _HeadLogps.apply(hidden, head.weight, head.bias, head.delta, head.rows, target, head.softcap, chunk, dtype, mode)
