@@ -12,9 +12,9 @@ stores a chunk's logits: with a frozen output layer (LoRA, QLoRA) each chunk's d
 (onehot(y) - softmax) W (times the softcap's derivative) is formed in the forward, right after the
 logits it needs, and kept (N, H); the backward only scales it by the incoming gradient. With a trained
 output layer (full fine-tuning) the backward recomputes each chunk's logits for W's gradient, unless the
-pass's d log p / d logits fits in KEEP_ELEMENTS values: then the forward keeps it and the backward scales it. The rows of
-tokens added by the ChatML set-up (peft trainable tokens) train either way: their few logit columns are
-kept per token, (N, k).
+pass's d log p / d logits fits in KEEP_ELEMENTS values: then the forward keeps it and the backward scales it.
+The rows of tokens added by the ChatML set-up (peft trainable tokens) train either way: their few logit
+columns are kept per token, (N, k).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ lora_A's weight gradient). q, k and v each keep their own pair for the same inpu
 (state dict, saving, merging unchanged) and the dropout for an identity. Its autograd function keeps a reference
 to the input (shared by the layers that read it, and often kept alive anyway) and the keep mask as one bool per
 element; the dropped input is rebuilt in backward. An input that can be computed again from tensors kept anyway
-(a gated MLP's product, gated_mlp.REBUILD) is not kept at all: backward computes it again, to the same bits. The mask comes from 16-bit lanes of random int64 words: an
-element is dropped when its lane falls under round(p * 65536), so p is rounded to a multiple of 1/65536
+(a gated MLP's product, gated_mlp.REBUILD) is not kept at all: backward computes it again, to the same bits.
+The mask comes from 16-bit lanes of random int64 words: an element is dropped when its lane falls under round(p * 65536), so p is rounded to a multiple of 1/65536
 (0.05 -> 0.0500031) and kept elements are scaled by 1 / (1 - that p), which keeps the layer's expectation exact.
 In eval mode (and with p = 0) the layer is the plain linear map.
 """
@@ -35,6 +35,11 @@ def effective_p(p: float) -> float:
     return round(p * LANES) / LANES
 
 
+def keep_scale(p: float) -> float:
+    """The factor kept elements are scaled by: 1 / (1 - effective_p(p)) (1 for p = 0)."""
+    return 1.0 / (1.0 - effective_p(p))
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Bool tensor of `shape`, each element True with probability 1 - effective_p(p), from the torch generator."""
     n = shape.numel()
@@ -48,7 +53,7 @@ class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, p, rebuild=None):  # x (..., in), weight (out, in)
         keep = keep_mask(x.shape, p, x.device)
-        scale = 1.0 / (1.0 - effective_p(p))
+        scale = keep_scale(p)
         y = F.linear(x * keep * scale, weight)  # under autocast the matmul runs in the autocast dtype
         ctx.rebuild, ctx.x_dtype = rebuild, x.dtype
         ctx.save_for_backward(None if rebuild else x, weight, keep)

@@ -22,12 +22,14 @@ forward otherwise. Weights, state dicts, saving and merging are unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .gated_mlp import REBUILD
-from .lora_dropout import DropoutLinear, effective_p, keep_mask
+from .lora_dropout import DropoutLinear, keep_mask, keep_scale
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -36,7 +38,7 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         keep = keep_mask(x2.shape, p, x.device) if p > 0 else None  # (N, in) bool
-        s = 1.0 / (1.0 - effective_p(p)) if p > 0 else 1.0
+        s = keep_scale(p)
         a_scaled = lora_a * s  # (r, in)
         b_scaled = lora_b * scaling  # (out, r)
         xd = x2 * keep if keep is not None else x2
@@ -103,19 +105,20 @@ class FusedLoraLinear(nn.Module):
                                  getattr(x, REBUILD, None))
 
 
-_FUSED: dict[type, type] = {}
+@functools.cache
+def _fused_class() -> tuple[type, type]:
+    """peft's lora.Linear (imported when first needed) and its subclass with the fused forward."""
+    from peft.tuners.lora.layer import Linear
+
+    return Linear, type("FusedLinear", (FusedLoraLinear, Linear), {"__module__": __name__})
 
 
 def fuse_lora_linears(model: nn.Module) -> int:
     """Give every peft lora.Linear over a plain nn.Linear the fused forward; returns how many."""
-    from peft.tuners.lora.layer import Linear
-
+    linear, fused_linear = _fused_class()
     fused = 0
     for module in model.modules():
-        if type(module) is not Linear or type(module.base_layer) is not nn.Linear:
-            continue
-        if Linear not in _FUSED:
-            _FUSED[Linear] = type("FusedLinear", (FusedLoraLinear, Linear), {"__module__": __name__})
-        module.__class__ = _FUSED[Linear]
-        fused += 1
+        if type(module) is linear and type(module.base_layer) is nn.Linear:
+            module.__class__ = fused_linear
+            fused += 1
     return fused
