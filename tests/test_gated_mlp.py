@@ -90,7 +90,7 @@ def test_training_loads_models_with_fused_mlps(chat_model_dir):
 
 
 def test_a_lora_step_keeps_half_the_mlp_activations():
-    """With LoRA on down_proj, the MLP keeps gate and up (plus one bool mask per adapter input) where it kept
+    """With LoRA on down_proj, the MLP keeps gate and up (plus one bit of mask per adapter input element) where it kept
     gate, act(gate), up and the product."""
     from peft import LoraConfig, get_peft_model
 

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from orpo.config import load_config
-from orpo.lora_dropout import DropoutLinear, _DropoutLinear, effective_p, fuse_lora_dropout, keep_mask
+from orpo.lora_dropout import (
+    DropoutLinear,
+    _DropoutLinear,
+    effective_p,
+    fuse_lora_dropout,
+    keep_mask,
+    pack_mask,
+    unpack_mask,
+)
 from orpo.model import load_model, load_tokenizer
 
 
@@ -52,9 +60,9 @@ def test_mask_drops_p_of_the_elements_independently(p):
     assert abs(pairs - effective_p(p) ** 2) < 5 * math.sqrt(p * p * (1 - p * p) / n)
 
 
-def test_fused_layer_keeps_one_bool_mask_not_two_float_copies():
-    """Autograd keeps the input itself (no copy), the weight and a bool mask: 1 new byte per input element, where
-    dropout-then-linear keeps 8 (fp32 noise and fp32 dropped input)."""
+def test_fused_layer_keeps_one_bit_of_mask_not_two_float_copies():
+    """Autograd keeps the input itself (no copy), the weight and the mask's bits: 1 new byte per 8 input elements,
+    where dropout-then-linear keeps 8 bytes per element (fp32 noise and fp32 dropped input)."""
     x = torch.randn(64, 32, requires_grad=True)
     layer = nn.Linear(32, 4, bias=False)
     new_bytes = {}
@@ -70,7 +78,7 @@ def test_fused_layer_keeps_one_bool_mask_not_two_float_copies():
         layer(nn.functional.dropout(x, 0.1, training=True))
     with torch.autograd.graph.saved_tensors_hooks(count("fused"), lambda t: t):
         _DropoutLinear.apply(x, layer.weight, 0.1)
-    assert new_bytes["fused"] == x.numel()  # one bool per element
+    assert new_bytes["fused"] == x.numel() // 8  # one bit per element
     assert new_bytes["peft"] >= 8 * x.numel()
 
 
@@ -124,3 +132,17 @@ def test_zero_dropout_and_variants_keep_peft_modules(chat_model_dir):
     model = build(chat_model_dir, 0.0)
     assert not any(isinstance(m, DropoutLinear) for m in model.modules())
     assert fuse_lora_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))) == 0  # not a LoRA layer
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 64, 1001])
+def test_mask_bits_unpack_to_the_mask(n):
+    """Every length (padded to whole bytes), both values at every position of a byte, in element order."""
+    torch.manual_seed(n)
+    keep = torch.rand(3, n) > 0.5
+    bits = pack_mask(keep)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
+    assert torch.equal(unpack_mask(bits, keep.shape), keep)
+    one = torch.zeros(16, dtype=torch.bool)
+    one[3] = one[9] = True
+    assert pack_mask(one).tolist() == [1 << 3, 1 << 1]
+    assert torch.equal(unpack_mask(pack_mask(~one), one.shape), ~one)

@@ -1,4 +1,4 @@
-"""LoRA's input dropout fused into the A projection: one bool mask kept for backward, random bits drawn 64 at a time.
+"""LoRA's input dropout fused into the A projection: the mask kept for backward as bits, random bits drawn 64 at a time.
 
 peft computes `lora_B(lora_A(dropout(x)))` for every adapted layer. `nn.Dropout` on CPU draws one Bernoulli per
 element (one call of the generator each, the slowest operator of a LoRA step after the matmuls), and autograd
@@ -7,8 +7,8 @@ lora_A's weight gradient). q, k and v each keep their own pair for the same inpu
 
 `fuse_lora_dropout(model)` swaps each such `lora_A` (an nn.Linear) for a `DropoutLinear` holding the same weight
 (state dict, saving, merging unchanged) and the dropout for an identity. Its autograd function keeps a reference
-to the input (shared by the layers that read it, and often kept alive anyway) and the keep mask as one bool per
-element; the dropped input is rebuilt in backward. An input that can be computed again from tensors kept anyway
+to the input (shared by the layers that read it, and often kept alive anyway) and the keep mask as one bit per
+element (`pack_mask`, 8 to a byte); the dropped input is rebuilt in backward. An input that can be computed again from tensors kept anyway
 (a gated MLP's product, gated_mlp.REBUILD) is not kept at all: backward computes it again, to the same bits.
 The mask comes from 16-bit lanes of random int64 words: an element is dropped when its lane falls under round(p * 65536), so p is rounded to a multiple of 1/65536
 (0.05 -> 0.0500031) and kept elements are scaled by 1 / (1 - that p), which keeps the layer's expectation exact.
@@ -47,29 +47,58 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return words.view(torch.int16)[:n].view(shape) >= drop_threshold(p)
 
 
+_GATHER = 0x0102040810204080  # times 8 bytes of 0/1: bit 56 + i of the product is byte i
+_SPREAD = 0x0101010101010101  # times one byte: that byte in each of 8 bytes
+_BIT_OF_BYTE = 0x8040201008040201 - (1 << 64)  # byte j: bit j (as a signed int64)
+_CARRY = 0x7F7F7F7F7F7F7F7F  # plus a byte that is 0 or 2^j: bit 7 set exactly when it was not 0
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as bits, 8 to a uint8 (element 8k + i is bit i of byte k): what autograd keeps of a mask."""
+    flat = keep.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    words = flat.view(torch.uint8).view(torch.int64)  # 8 elements a word, one per byte
+    return ((words * _GATHER) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """pack_mask's bool tensor of `shape` again, from its bits (integer ops on 8 elements at a time)."""
+    words = bits.to(torch.int64).mul_(_SPREAD).bitwise_and_(_BIT_OF_BYTE).add_(_CARRY)
+    words = words.bitwise_right_shift_(7).bitwise_and_(_SPREAD)  # each byte 0 or 1
+    return words.view(torch.uint8)[: shape.numel()].view(torch.bool).view(shape)
+
+
+def as_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask as 0./1. of `dtype`, to multiply by. On a CPU a product with a bool tensor (or torch.where,
+    masked_fill_) takes 4-10 times as long as one with floats; the bool's bytes read as uint8 convert fast."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 class _DropoutLinear(torch.autograd.Function):
-    """y = (x * keep / (1 - p)) @ W^T, saving x (or how to rebuild it) and the bool mask instead of two fp32 copies."""
+    """y = (x * keep / (1 - p)) @ W^T, saving x (or how to rebuild it) and the mask's bits instead of two fp32 copies."""
 
     @staticmethod
     def forward(ctx, x, weight, p, rebuild=None):  # x (..., in), weight (out, in)
         keep = keep_mask(x.shape, p, x.device)
         scale = keep_scale(p)
-        y = F.linear(x * keep * scale, weight)  # under autocast the matmul runs in the autocast dtype
-        ctx.rebuild, ctx.x_dtype = rebuild, x.dtype
-        ctx.save_for_backward(None if rebuild else x, weight, keep)
+        y = F.linear(as_float(keep, x.dtype).mul_(x).mul_(scale), weight)  # under autocast the matmul runs in the autocast dtype
+        ctx.rebuild, ctx.x_dtype, ctx.shape = rebuild, x.dtype, keep.shape
+        ctx.save_for_backward(None if rebuild else x, weight, pack_mask(keep))
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, keep = ctx.saved_tensors
+        x, weight, bits = ctx.saved_tensors
+        keep = unpack_mask(bits, ctx.shape)
         compute = grad_y.dtype  # the forward's matmul dtype (autocast or not); backward runs in it too
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ weight.to(compute)).mul_(keep).mul_(ctx.scale).to(ctx.x_dtype)
+            grad_x = (grad_y @ weight.to(compute)).mul_(as_float(keep, compute)).mul_(ctx.scale).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             x = ctx.rebuild() if ctx.rebuild is not None else x
-            dropped = (x.to(compute) * keep).mul_(ctx.scale)
+            dropped = as_float(keep, compute).mul_(x).mul_(ctx.scale)
             grad_weight = (grad_y.reshape(-1, grad_y.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
         return grad_x, grad_weight, None, None
 

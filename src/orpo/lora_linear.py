@@ -11,7 +11,7 @@ small (r x features) matrices and adds the adapter's product into the base outpu
     backward  da = dy @ (B * scaling)            dB = scaling * dy^T a        dA = s * da^T xd
               dx = dy @ W + keep * (da @ (A * s))
 
-keeping x (or how to rebuild it, gated_mlp.REBUILD), the bool mask and a (tokens x r). It draws the same
+keeping x (or how to rebuild it, gated_mlp.REBUILD), the mask's bits (lora_dropout.pack_mask) and a (tokens x r). It draws the same
 masks as the unfused layers and equals them up to float rounding (the scales are applied in another order).
 
 `fuse_lora_linears(model)` swaps the class of each peft `lora.Linear` over an `nn.Linear` for a subclass whose
@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .gated_mlp import REBUILD
-from .lora_dropout import DropoutLinear, keep_mask, keep_scale
+from .lora_dropout import DropoutLinear, as_float, keep_mask, keep_scale, pack_mask, unpack_mask
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -41,21 +41,22 @@ class _LoraLinear(torch.autograd.Function):
         s = keep_scale(p)
         a_scaled = lora_a * s  # (r, in)
         b_scaled = lora_b * scaling  # (out, r)
-        xd = x2 * keep if keep is not None else x2
+        xd = as_float(keep, x2.dtype).mul_(x2) if keep is not None else x2
         a = xd @ a_scaled.T  # (N, r)
         y = F.linear(x2, weight, bias).addmm_(a, b_scaled.T)  # (N, out)
         ctx.rebuild, ctx.shape, ctx.scales = rebuild, shape, (s, scaling)
-        ctx.save_for_backward(None if rebuild else x, weight, keep, a, a_scaled, b_scaled)
+        ctx.save_for_backward(None if rebuild else x, weight, None if keep is None else pack_mask(keep), a, a_scaled, b_scaled)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, keep, a, a_scaled, b_scaled = ctx.saved_tensors
+        x, weight, bits, a, a_scaled, b_scaled = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
         needs_x, needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         grad_x = grad_a = grad_b = None
         s, scaling = ctx.scales
         da = g @ b_scaled  # (N, r)
+        keep = None if bits is None else as_float(unpack_mask(bits, torch.Size((g.shape[0], a_scaled.shape[1]))), g.dtype)  # (N, in) 0./1.
         if needs_b:
             grad_b = (g.T @ a).mul_(scaling)  # (out, r)
         if needs_a:

@@ -13,6 +13,7 @@ from .config import BUILTIN, Config
 from .gated_mlp import fuse_gated_mlps
 from .lora_dropout import fuse_lora_dropout
 from .lora_linear import fuse_lora_linears
+from .rms_norm import fuse_rms_norms
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int]):
     """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled."""
     model = load_base(config, tokenizer, new_token_ids)
     fuse_gated_mlps(model)  # the same numbers, a quarter less MLP activation memory
+    fuse_rms_norms(model)  # the same forward, a closed-form backward: a fifth of the passes
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
