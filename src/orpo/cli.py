@@ -23,12 +23,19 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
+def is_main_process() -> bool:
+    """False in the processes of a distributed launch other than its first (RANK set by torchrun/accelerate)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides, preset=DEMO if path is None else None)  # no file: the embedded demo
     from .train import train
 
     summary = train(config)
+    if not is_main_process():  # under torchrun / accelerate launch, rank 0 alone prints
+        return 0
     if "after" in summary:
         from .assess import table
 
@@ -145,8 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_data_inspect)
     args = parser.parse_args(argv)
+    quiet = not is_main_process() and not args.verbose  # other ranks: warnings and errors only
+    if quiet:
+        import datasets
+
+        datasets.disable_progress_bars()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

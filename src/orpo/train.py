@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,7 +33,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import Config, load_config, save_config
+from .config import Config, ConfigError, load_config, save_config
 from .data import PairSampler
 from .evaluate import preference_metrics, task_accuracy
 from .inspect_data import load_checked
@@ -124,6 +125,19 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
     return metrics
 
 
+def check_launch(processes: int) -> None:
+    """Refuse a launch that asked for several processes and got one: `accelerate launch --cpu --num_processes N`
+    starts one process (accelerate runs several CPU processes only through MPI) and sets MASTER_ADDR for nothing."""
+    env = os.environ
+    if processes != int(env.get("WORLD_SIZE", processes)):
+        raise ConfigError(f"the launcher started {env['WORLD_SIZE']} processes but the run sees {processes}")
+    if processes == 1 and "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        raise ConfigError("accelerate launch --cpu started one process, not the several asked for (accelerate runs several "
+                          "CPU processes only through MPI). Use `torchrun --standalone --nproc_per_node N -m orpo.cli train ...` "
+                          "or `accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N -m orpo.cli train ...` "
+                          "(gloo on a machine without GPUs), or drop --num_processes for one process.")
+
+
 def train(config: Config) -> dict:
     """Run one ORPO training job described by `config`; returns the summary written to summary.json."""
     from accelerate import Accelerator
@@ -132,7 +146,10 @@ def train(config: Config) -> dict:
     check_trackers(config)
     out = Path(config.output_dir)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
-    accelerator = Accelerator(mixed_precision=mixed, log_with=config.report_to or None, project_dir=str(out))
+    # Several processes without CUDA: DDP over gloo on the CPU (unless told cpu=True, accelerate makes each a lone run).
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu_processes, mixed_precision=mixed, log_with=config.report_to or None, project_dir=str(out))
+    check_launch(accelerator.num_processes)
     main = accelerator.is_main_process
     checkpoint = resolve_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     if checkpoint is not None:  # settings that change what is learned must be the checkpoint's
@@ -141,8 +158,9 @@ def train(config: Config) -> dict:
     check_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)  # before any work
     set_seed(config.seed)
 
-    tokenizer, new_token_ids = load_tokenizer(config)
-    train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer)  # refuses data with errors
+    with accelerator.local_main_process_first():  # one process per node tokenizes (and fills caches), then the rest read
+        tokenizer, new_token_ids = load_tokenizer(config)
+        train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer)  # refuses data with errors
     log.info("data: %s", report.as_dict())
     if main:  # the first write into output_dir: the config and data have passed every check
         prepare_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)
