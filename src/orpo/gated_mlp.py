@@ -62,16 +62,23 @@ def _fusable(cls: type) -> bool:
     return EXPRESSION in " ".join(source.split())
 
 
-def fuse_gated_mlps(model: nn.Module) -> int:
-    """Give every Llama-style gated MLP of `model` the fused forward; returns how many."""
+def swap_forward(model: nn.Module, forward, candidate, fusable, cache: dict[type, type | None]) -> int:
+    """Give each module of `model` that is a `candidate` and whose class is `fusable` a subclass whose forward is
+    `forward` (one subclass per class, kept in `cache`, None for a class that is not fusable); returns how many."""
     fused = 0
     for module in model.modules():
         cls = type(module)
-        if cls.forward is _fused_forward or not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        if cls.forward is forward or not candidate(module):
             continue
-        if cls not in _FUSED:
-            _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "__module__": __name__}) if _fusable(cls) else None
-        if _FUSED[cls] is not None:
-            module.__class__ = _FUSED[cls]
+        if cls not in cache:
+            cache[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "__module__": forward.__module__}) if fusable(cls) else None
+        if cache[cls] is not None:
+            module.__class__ = cache[cls]
             fused += 1
     return fused
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Give every Llama-style gated MLP of `model` the fused forward; returns how many."""
+    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    return swap_forward(model, _fused_forward, lambda m: all(hasattr(m, n) for n in parts), _fusable, _FUSED)

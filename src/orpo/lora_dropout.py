@@ -91,14 +91,14 @@ class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bits = ctx.saved_tensors
-        keep = unpack_mask(bits, ctx.shape)
         compute = grad_y.dtype  # the forward's matmul dtype (autocast or not); backward runs in it too
+        keep = as_float(unpack_mask(bits, ctx.shape), compute)  # 0./1., converted once for both gradients
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ weight.to(compute)).mul_(as_float(keep, compute)).mul_(ctx.scale).to(ctx.x_dtype)
+            grad_x = (grad_y @ weight.to(compute)).mul_(keep).mul_(ctx.scale).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             x = ctx.rebuild() if ctx.rebuild is not None else x
-            dropped = as_float(keep, compute).mul_(x).mul_(ctx.scale)
+            dropped = keep.clone().mul_(x).mul_(ctx.scale)  # in the compute dtype, as the forward
             grad_weight = (grad_y.reshape(-1, grad_y.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
         return grad_x, grad_weight, None, None
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gated_mlp import REBUILD
+from .gated_mlp import REBUILD, swap_forward
 
 
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,14 +79,7 @@ def _fusable(cls: type) -> bool:
 
 def fuse_rms_norms(model: nn.Module) -> int:
     """Give every Llama-style RMSNorm of `model` the fused forward; returns how many."""
-    fused = 0
-    for module in model.modules():
-        cls = type(module)
-        if cls.forward is _fused_norm_forward or not (hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), nn.Parameter)):
-            continue
-        if cls not in _FUSED:
-            _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_norm_forward, "__module__": __name__}) if _fusable(cls) else None
-        if _FUSED[cls] is not None:
-            module.__class__ = _FUSED[cls]
-            fused += 1
-    return fused
+    def candidate(module):
+        return hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+    return swap_forward(model, _fused_norm_forward, candidate, _fusable, _FUSED)
