@@ -215,9 +215,22 @@ def test_sampler_resumes_mid_epoch_and_shards():
     assert list(sampler.epoch(0, offset=2)) == full[2:]
     assert list(sampler.epoch(1)) != full
     shards = [list(PairSampler(10, 2, seed=1, rank=r, world=2).epoch(0)) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 2
-    assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
+    assert [len(b) for b in shards[0]] == [2, 2, 1] and [len(b) for b in shards[1]] == [2, 2, 1]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(10))  # nothing dropped or repeated
     assert torch.equal(torch.tensor(full[0][:2]), torch.tensor(shards[0][0]))
+
+
+@pytest.mark.parametrize("rows,batch,world", [(10, 2, 2), (7, 2, 3), (5, 4, 4), (1, 1, 2), (12, 3, 4)])
+def test_sampler_shards_cover_every_pair_once(rows, batch, world):
+    """Every pair exactly once per epoch over the ranks, the same number of batches on each, none over
+    `batch`, and each global batch the one process's batch of batch x world pairs holds."""
+    shards = [list(PairSampler(rows, batch, seed=3, rank=r, world=world).epoch(2)) for r in range(world)]
+    single = list(PairSampler(rows, batch * world, seed=3).epoch(2))
+    assert all(len(s) == len(single) for s in shards)
+    assert sorted(i for s in shards for b in s for i in b) == list(range(rows))
+    assert all(len(b) <= batch for s in shards for b in s)
+    for k, whole in enumerate(single):
+        assert [i for s in shards for i in s[k]] == whole
 
 
 def test_dataset_folders_and_hub_names(tmp_path, monkeypatch):

@@ -16,19 +16,22 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides as overrides
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 COMPARED = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
             "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm")
 
 DRIVER = """
-import os, sys
-fail_rank, fail_call, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-if int(os.environ.get("RANK", "0")) == fail_rank:
+import os, signal, sys
+fail_rank, when, how, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+if int(os.environ.get("RANK", "0")) == fail_rank:  # fail at the when-th loss, or the first once path `when` exists
     import orpo.train as loop
     real, calls = loop.orpo_loss, [0]
 
     def failing(*a, **k):
         calls[0] += 1
-        if calls[0] == fail_call:
+        if (calls[0] == int(when)) if when.isdigit() else os.path.exists(when):
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure on rank {fail_rank}")
         return real(*a, **k)
 
@@ -38,12 +41,26 @@ sys.exit(main(args))
 """
 
 
-def launch(processes: int, args: list[str], timeout: float = 300, driver: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N -m orpo.cli ARGS` (the README's command), one thread each."""
+def launch(processes: int, args: list[str], timeout: float = 300, driver: list[str] | None = None,
+           config: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m orpo.cli ARGS`, or with `config` `accelerate launch --config_file
+    configs/accelerate/CONFIG --num_processes N -m orpo.cli ARGS` (the README's commands), one thread each."""
     target = ["-m", "orpo.cli"] if driver is None else driver
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *target, *args]
+    if config is None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *target, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), *target, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def metrics(out: Path) -> dict[int, dict]:
@@ -53,6 +70,25 @@ def metrics(out: Path) -> dict[int, dict]:
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "adapter_model.safetensors")
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The trained adapter, or the whole model after full fine-tuning."""
+    name = "adapter_model.safetensors" if (out / "final" / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(out / "final" / name)
+
+
+def assert_same_run(want: dict[int, dict], got: dict[int, dict], keys=COMPARED, tol: float = 1e-6) -> None:
+    assert sorted(want) == sorted(got)
+    for step in want:
+        for key in keys:
+            if key in want[step]:
+                assert got[step][key] == pytest.approx(want[step][key], rel=tol, abs=tol), (step, key)
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.mark.parametrize("layout", ["packed", pytest.param("plain", marks=pytest.mark.slow)])  # 30 s each
@@ -90,7 +126,7 @@ def test_a_failure_on_one_rank_ends_every_rank(chat_model_dir, pairs_file, tmp_p
     driver.write_text(DRIVER)
     args = overrides(chat_model_dir, pairs_file, tmp_path / "run", max_steps=4, eval_steps="null", eval_on_start="false")
     start = time.monotonic()
-    result = launch(2, ["train", *args], timeout=240, driver=[str(driver), "1", "3"])
+    result = launch(2, ["train", *args], timeout=240, driver=[str(driver), "1", "3", "raise"])
     assert result.returncode != 0
     assert time.monotonic() - start < 200
     assert "injected failure on rank 1" in result.stderr
@@ -100,7 +136,7 @@ def test_a_launch_that_got_one_of_several_processes_says_so(monkeypatch):
     """`accelerate launch --cpu --num_processes 2` runs one process with MASTER_ADDR set: orpo stops (exit 2)
     and names the commands that do start several; a plain run or a real one-process launch is not refused."""
     from orpo.config import ConfigError
-    from orpo.train import check_launch
+    from orpo.engine import check_launch
 
     for name in ("MASTER_ADDR", "WORLD_SIZE", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(name, raising=False)
@@ -112,3 +148,61 @@ def test_a_launch_that_got_one_of_several_processes_says_so(monkeypatch):
         check_launch(1)
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1
     check_launch(1)
+
+
+def test_kill_9_and_resume_under_two_processes_is_exact(chat_model_dir, pairs_file, tmp_path):
+    """DDP over 2 processes with LoRA dropout on (each process draws its own masks): rank 1 is killed (SIGKILL) in
+    step 3, after checkpoint-2; `resume_from_checkpoint=latest` with 2 processes then gives the metrics and final
+    adapter of the run that was never stopped, to the bit (each process's random state comes back)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    common = dict(max_steps=4, gradient_accumulation_steps=2, save_steps=2, eval_steps="null", eval_on_start="false")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert launch(2, ["train", *overrides(chat_model_dir, pairs_file, whole, **common)]).returncode == 0
+    killed = launch(2, ["train", *overrides(chat_model_dir, pairs_file, broken, **common)],
+                    driver=[str(driver), "1", str(broken / "checkpoint-2"), "kill"])
+    assert killed.returncode != 0 and not (broken / "final").exists()
+    assert sorted(p.name for p in (broken / "checkpoint-2").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    resumed = launch(2, ["train", *overrides(chat_model_dir, pairs_file, broken, resume_from_checkpoint="latest", **common)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(metrics(whole), metrics(broken), tol=0)
+    assert max_difference(adapter(whole), adapter(broken)) == 0
+
+
+EVAL_KEYS = tuple(f"eval_{k}" for k in COMPARED if k != "grad_norm")
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_fsdp2_over_two_processes_trains_what_one_does(chat_model_dir, pairs_file, tmp_path, tuning):
+    """FSDP2 (`accelerate launch --config_file configs/accelerate/fsdp2-TUNING.yaml --num_processes 2`, CPU processes
+    over gloo), 3 pairs per process, against one process with 6: 19 training pairs, so the epoch's last global
+    batch holds one pair and one process runs a zero-weight pass; 5 held-out pairs split 3 / 2. Every logged
+    training and evaluation metric and every final weight within 1e-6. With LoRA, a sharded checkpoint at step 2
+    is resumed by 2 new processes and ends where the unbroken run did, to the bit."""
+    common = {"max_steps": 4, "gradient_accumulation_steps": 1, "data.test_size": 5, "lora.dropout": 0.0,
+              "eval_steps": 0.5, "save_steps": 2}
+    if tuning == "full":
+        common.update({"lora.enabled": "false", "learning_rate": 1e-4})
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = launch(1, ["train", *overrides(chat_model_dir, pairs_file, one, per_device_train_batch_size=6, **common)])
+    assert single.returncode == 0, single.stderr[-3000:]
+    args = overrides(chat_model_dir, pairs_file, two, per_device_train_batch_size=3, **common)
+    double = launch(2, ["train", *args], config=f"fsdp2-{tuning}.yaml")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "trainable-1.safetensors" in {p.name for p in (two / "checkpoint-2").iterdir()}  # each process's shards
+    assert_same_run(metrics(one), metrics(two))
+    evals = lambda out: {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r}  # noqa: E731
+    assert_same_run(evals(one), evals(two), EVAL_KEYS)
+    worst = max_difference(final_weights(one), final_weights(two))
+    print(f"FSDP2 {tuning}: max |final weight difference| {worst:.3g}")
+    assert worst <= 1e-6
+    if tuning == "full":
+        return
+    again = tmp_path / "again"
+    again.mkdir()
+    (two / "checkpoint-2").rename(again / "checkpoint-2")
+    args = overrides(chat_model_dir, pairs_file, again, per_device_train_batch_size=3, resume_from_checkpoint="latest", **common)
+    resumed = launch(2, ["train", *args], config="fsdp2-lora.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max_difference(final_weights(two), final_weights(again)) == 0
+    assert_same_run({k: v for k, v in metrics(two).items() if k > 2}, metrics(again), tol=0)

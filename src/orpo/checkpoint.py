@@ -16,6 +16,7 @@ import json
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,15 +49,38 @@ class TrainState:
     skipped_steps: int = 0  # steps with a non-finite loss or gradient, not applied (on_nonfinite=skip)
 
 
+@dataclass
+class Procs:
+    """The processes of a run, as checkpoints see them: this one's rank, how many, whether weights are sharded
+    over them, and a barrier every process calls."""
+
+    rank: int = 0
+    world: int = 1
+    sharded: bool = False
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
 class NonFiniteError(ValueError):
     """A non-finite loss, gradient or weight: training stops, nothing non-finite is saved."""
 
 
-def check_finite(model, what: str) -> None:
-    """Refuse to save `what` if any trainable weight is NaN or inf."""
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+def check_finite(model, what: str, local: bool = False, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse to save `what` if any trainable weight is NaN or inf: the model's own (`local`: this process's
+    shards of them), or those of `state` (weights gathered from shards) when given."""
+    if state is not None:
+        bad = [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    else:
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(_local(p) if local else p).all())]
     if bad:
         raise NonFiniteError(f"not saving {what}: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]})")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -82,38 +106,62 @@ def _set_rng_state(state: dict) -> None:
 
 
 @contextmanager
-def atomic_folder(final: Path):
+def atomic_folder(final: Path, main: bool = True, barrier=lambda: None):
     """Write a folder as a whole or not at all: yields a temporary sibling, then adds COMPLETE and renames it to
     `final` (replacing an older one). On any error the temporary folder goes and one clear ValueError is raised
-    (a full disk named as such); `final` is never left half-written."""
+    (a full disk named as such); `final` is never left half-written.
+
+    Several processes may write into it: all enter, the `main` one creates and finishes it, and `barrier` (which
+    every process calls) keeps the others from writing before it exists or the main one renaming before they are
+    done. A process that fails stops the launch (torchrun ends the others); the debris goes on the next start."""
     tmp = final.parent / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
         yield tmp
-        (tmp / "COMPLETE").write_text("ok\n")
+        barrier()
+        if main:
+            (tmp / "COMPLETE").write_text("ok\n")
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, NonFiniteError):
             raise
         full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "StorageFull" in str(exc)
         reason = "the disk is full" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
         raise ValueError(f"could not write {final}: {reason} (nothing half-written was left)") from None
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier()
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, config: Config, rank: int = 0) -> Path:
-    """Write checkpoint-<step> atomically; returns its path."""
+def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, config: Config, procs: Procs | None = None) -> Path:
+    """Write checkpoint-<step> atomically; returns its path. Every process calls it: each writes its RNG state,
+    and with sharded weights its shards of the trained weights and optimizer state; the main process the rest."""
+    procs = procs or Procs()
     final = out_dir / f"{PREFIX}{state.step}"
-    check_finite(model, final.name)
-    with atomic_folder(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-        save_config(config, tmp / "config.yaml")
+    if procs.sharded:
+        check_finite(model, final.name, local=True)
+    elif procs.main:
+        check_finite(model, final.name)
+    with atomic_folder(final, procs.main, procs.barrier) as tmp:
+        torch.save(_rng_state(), tmp / f"rng-{procs.rank}.pt")
+        if procs.sharded:
+            from .engine import local_state
+
+            weights, optim = local_state(model, optimizer)
+            save_file(weights, str(tmp / f"trainable-{procs.rank}.safetensors"))
+            torch.save(optim, tmp / f"optimizer-{procs.rank}.pt")
+        elif procs.main:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if procs.main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "processes": procs.world}, indent=2))
+            save_config(config, tmp / "config.yaml")
     return final
 
 
@@ -208,19 +256,35 @@ def load_plain(path: Path):
                          "(unpickling them could run code). Was this checkpoint written by orpo?") from exc
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
-    """Restore everything save_checkpoint wrote; returns the loop position."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"{path}: checkpoint weights do not match this model (e.g. {unknown[:3]})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
+def load_checkpoint(path: Path, model, optimizer, scheduler, procs: Procs | None = None) -> TrainState:
+    """Restore everything save_checkpoint wrote; returns the loop position. Sharded weights and optimizer state
+    come back only into as many processes as wrote them."""
+    procs = procs or Procs()
+    saved = json.loads((path / "trainer_state.json").read_text())
+    written_by = saved.pop("processes", 1)
+    sharded = (path / "trainable-0.safetensors").is_file()
+    if sharded and (not procs.sharded or written_by != procs.world):
+        raise ConfigError(f"{path} holds weights sharded over {written_by} processes: resume it with the same engine "
+                          f"(FSDP2 / ZeRO-3) and {written_by} processes (this run: {procs.world})")
+    if not sharded and procs.sharded:
+        raise ConfigError(f"{path} was written without sharding: resume it without FSDP2 / ZeRO-3 (DDP or one process)")
+    if sharded:
+        from .engine import load_local_state
+
+        weights = load_file(str(path / f"trainable-{procs.rank}.safetensors"))
+        load_local_state(model, optimizer, weights, load_plain(path / f"optimizer-{procs.rank}.pt"))
+    else:
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise ValueError(f"{path}: checkpoint weights do not match this model (e.g. {unknown[:3]})")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
     scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
-    rng = path / f"rng-{rank}.pt"
+    rng = path / f"rng-{procs.rank}.pt"
     if rng.is_file():
         _set_rng_state(load_plain(rng))
-    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    return TrainState(**saved)

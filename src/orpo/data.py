@@ -355,22 +355,21 @@ class PairSampler:
     """Batches of row indices: a fresh seeded permutation per epoch, sharded over processes.
 
     Deterministic for (seed, epoch), so a resumed run rebuilds the same order and starts at `offset`
-    batches into it. With several processes each global batch is split by rank and an incomplete last
-    global batch is dropped, so every process runs the same number of micro-batches.
+    batches into it. With several processes each global batch (`batch_size` x processes pairs) is split by
+    rank; an incomplete last one is split as evenly as it goes, so no pair is dropped or repeated. A rank
+    can then get an empty batch: the loop gives it a zero-weight pass (every process runs the same steps).
     """
 
     def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.num_rows, self.batch_size, self.seed, self.rank, self.world = num_rows, batch_size, seed, rank, world
 
     def batches_per_epoch(self) -> int:
-        per_global = self.batch_size * self.world
-        if self.world == 1:
-            return -(-self.num_rows // per_global)
-        return self.num_rows // per_global
+        return -(-self.num_rows // (self.batch_size * self.world))
 
     def epoch(self, epoch: int, offset: int = 0):
         order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         per_global = self.batch_size * self.world
         for b in range(offset, self.batches_per_epoch()):
-            chunk = order[b * per_global : (b + 1) * per_global]
-            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            chunk = order[b * per_global : (b + 1) * per_global]  # full but for an epoch's last
+            n = len(chunk)
+            yield chunk[self.rank * n // self.world : (self.rank + 1) * n // self.world]

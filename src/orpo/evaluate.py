@@ -53,33 +53,38 @@ def preference_metrics(
     rank: int = 0,
     world: int = 1,
     reduce: Reduce = lambda t: t,
+    passes: Callable[[int], int] = lambda n: n,
     autocast=None,
     show_progress: bool = True,
 ) -> dict[str, float]:
     """TRL-named ORPO metrics over a whole tokenized dataset, normalised over all of it (exact means).
 
     Groups of `batch_size` pairs go through `layout`; the packed layout takes them shortest first (sums do
-    not depend on the order), so pairs of similar length share passes.
+    not depend on the order), so pairs of similar length share passes. Each of `world` processes scores its
+    share of the pairs; `passes(n)` is how many forward passes a process with n runs (engine.passes: with
+    sharded weights every process runs as many as the busiest, the extra ones weighing nothing).
     """
+    if len(dataset) == 0:
+        raise ValueError("evaluation set is empty")
     was_training = model.training
     model.eval()
     records = list(dataset.select(shard(len(dataset), rank, world)))
     if layout.kind == "packed":
         records.sort(key=pair_length)
+    groups = [records[start : start + batch_size] for start in range(0, len(records), batch_size)]
+    own = sum(layout.passes([g]) for g in groups)
+    idle, spare = passes(own) - own, layout.batches([[dataset[0]]])[0]
     total = None
     with tqdm(total=len(records), desc="eval", unit="pair", leave=False, disable=not show_progress) as bar:
-        for start in range(0, len(records), batch_size):
-            group = records[start : start + batch_size]
-            for batch in layout.batches([group]):
+        for group in [*groups, *[None] * idle]:
+            for batch in layout.batches([group]) if group else [spare]:  # None: a zero-weight pass
                 batch = batch.to(device)
                 with autocast() if autocast else torch.autocast("cpu", enabled=False):
                     logps = forward_logps(model, batch, chunk)
                 _, stats = orpo_loss(logps, batch.response, batch.nll, beta, Norm(1.0, 1.0))
-                total = add_stats(total, stats)
-            bar.update(len(group))
+                total = add_stats(total, stats if group else {k: v * 0 for k, v in stats.items()})
+            bar.update(len(group or []))
     model.train(was_training)
-    if total is None:
-        raise ValueError("evaluation set is empty")
     total = {k: reduce(v) for k, v in total.items()}
     return finish_metrics(total, beta)
 

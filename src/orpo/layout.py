@@ -188,6 +188,12 @@ class Layout:
     max_tokens: int  # packed: token budget of one pass, padding included
     one_row: bool = False  # packed: one row per pass (ONE_ROW_KERNELS)
 
+    def passes(self, groups: list[list[dict]]) -> int:
+        """How many forward passes `batches(groups)` gives, without building them."""
+        if self.kind == "plain":
+            return sum(1 for g in groups if g)
+        return len(pack([pair_length(r) for g in groups for r in g], self.max_tokens, self.one_row))
+
     def batches(self, groups: list[list[dict]]) -> list[Batch]:
         """The micro-batches of one step (lists of tokenized pairs, sampler order) -> forward passes.
 

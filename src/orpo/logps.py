@@ -72,8 +72,12 @@ def output_head(model) -> Head:
             raise ValueError("layout=packed: several active trainable-token adapters; set layout=plain")
         rows = torch.tensor(adapter.token_indices[names[0]], device=base.weight.device)
         return Head(base.weight, None, rows, adapter.trainable_tokens_delta[names[0]], softcap)
-    if type(layer) is not torch.nn.Linear:  # e.g. LoRA or quantization on the output layer itself
+    if not isinstance(layer, torch.nn.Linear) or type(layer).forward is not torch.nn.Linear.forward:
+        # e.g. LoRA or quantization on the output layer itself (FSDP2's FSDPLinear is a plain Linear)
         raise ValueError(f"layout=packed: output layer {type(layer).__name__} is not a plain Linear; set layout=plain")
+    if hasattr(layer.weight, "device_mesh"):  # FSDP2 keeps it gathered from the forward to the backward; not here
+        raise ValueError("layout=packed: the output layer's weight is sharded outside the model's forward "
+                         "(its FSDP group must keep it gathered, reshard_after_forward=False); set layout=plain")
     return Head(layer.weight, layer.bias, None, None, softcap)
 
 

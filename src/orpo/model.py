@@ -166,15 +166,16 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def save_final(model, tokenizer, out_dir: Path) -> Path:
+def save_final(model, tokenizer, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Adapter (or full model) with tokenizer and chat template; loads with transformers/peft as it is.
-    Written as a whole or not at all (checkpoint.atomic_folder): `final/` with no weights never exists."""
+    Written as a whole or not at all (checkpoint.atomic_folder): `final/` with no weights never exists.
+    `state`: the weights to write when the model's own are shards (FSDP2, ZeRO-3), gathered by engine.full_state."""
     with atomic_folder(out_dir) as tmp:
         if hasattr(model, "peft_config"):
             # New ChatML rows travel as trainable-token weights; peft would otherwise also save the whole resized
             # embedding matrices (2 GB for Llama 3 8B). Loaders resize the base to len(tokenizer) first.
-            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False, state_dict=state)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(tmp)
     return out_dir

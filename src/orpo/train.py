@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,9 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import engine
 from .attention import use_split
 from .checkpoint import (
     NonFiniteError,
+    Procs,
     TrainState,
     check_finite,
     check_output_dir,
@@ -33,7 +34,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import Config, ConfigError, load_config, save_config
+from .config import Config, load_config, save_config
 from .data import PairSampler
 from .evaluate import preference_metrics, task_accuracy
 from .inspect_data import load_checked
@@ -103,6 +104,7 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         reduce=lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"),
+        passes=lambda n: engine.passes(n, accelerator),
         autocast=accelerator.autocast,
         show_progress=accelerator.is_local_main_process,
     )
@@ -125,32 +127,16 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
     return metrics
 
 
-def check_launch(processes: int) -> None:
-    """Refuse a launch that asked for several processes and got one: `accelerate launch --cpu --num_processes N`
-    starts one process (accelerate runs several CPU processes only through MPI) and sets MASTER_ADDR for nothing."""
-    env = os.environ
-    if processes != int(env.get("WORLD_SIZE", processes)):
-        raise ConfigError(f"the launcher started {env['WORLD_SIZE']} processes but the run sees {processes}")
-    if processes == 1 and "MASTER_ADDR" in env and "WORLD_SIZE" not in env and env.get("ACCELERATE_USE_CPU", "").lower() == "true":
-        raise ConfigError("accelerate launch --cpu started one process, not the several asked for (accelerate runs several "
-                          "CPU processes only through MPI). Use `torchrun --standalone --nproc_per_node N -m orpo.cli train ...` "
-                          "or `accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N -m orpo.cli train ...` "
-                          "(gloo on a machine without GPUs), or drop --num_processes for one process.")
-
-
 def train(config: Config) -> dict:
     """Run one ORPO training job described by `config`; returns the summary written to summary.json."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     check_trackers(config)
     out = Path(config.output_dir)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
-    # Several processes without CUDA: DDP over gloo on the CPU (unless told cpu=True, accelerate makes each a lone run).
-    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu_processes, mixed_precision=mixed, log_with=config.report_to or None, project_dir=str(out))
-    check_launch(accelerator.num_processes)
+    accelerator = engine.make_accelerator(mixed, config.report_to or None, str(out))  # one process, DDP, FSDP2, ZeRO
     main = accelerator.is_main_process
+    procs = Procs(accelerator.process_index, accelerator.num_processes, engine.sharded(accelerator), accelerator.wait_for_everyone)
     checkpoint = resolve_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     if checkpoint is not None:  # settings that change what is learned must be the checkpoint's
         saved_state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -184,7 +170,7 @@ def train(config: Config) -> dict:
 
     state = TrainState()
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, procs)
         log.info("resumed from %s at step %d", checkpoint, state.step)
 
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator if config.report_to else None, enabled=main,
@@ -206,6 +192,7 @@ def train(config: Config) -> dict:
     kernel = causal_lm(model).config._attn_implementation
     log.info("layout: %s (%s; attention %s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch", kernel)
     stream = micro_batch_stream(sampler, train_ds, state.micro_batches)
+    spare = layout.batches([[train_ds[0]]])[0].to(accelerator.device)  # for zero-weight passes (engine.passes)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
     window, window_tokens, window_steps, window_start = None, 0, 0, time.perf_counter()
@@ -214,18 +201,22 @@ def train(config: Config) -> dict:
         take = min(config.gradient_accumulation_steps, per_epoch - state.micro_batches % per_epoch)
         groups = [next(stream) for _ in range(take)]
         batches = [b.to(accelerator.device) for b in layout.batches(groups)]  # forward passes
-        norm = global_norm(batches, accelerator)
+        live = len(batches)  # passes of this process's own pairs; then zero-weight ones where the engine needs them
+        batches += [spare] * (engine.passes(live, accelerator) - live)
+        norm = global_norm(batches[:live], accelerator)
         step_loss, step_stats = torch.zeros((), device=accelerator.device), None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
                 logps = forward_logps(model, batch, config.logps_chunk_size)  # (2b, W)
                 loss, stats = orpo_loss(logps, batch.response, batch.nll, config.beta, norm)
+            if i >= live:  # keeps this process in step with the others; adds nothing to the gradient or the metrics
+                loss, stats = loss * 0, {k: v * 0 for k, v in stats.items()}
             # DDP averages gradients over processes; the loss is already a global mean, so undo that average.
             accelerator.backward(loss * accelerator.num_processes)
             step_loss, step_stats = step_loss + loss.detach(), add_stats(step_stats, stats)
         # Clipping at inf when off: the norm is still measured (logged, and checked below), the gradient unchanged.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+        grad_norm = engine.plain(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
         state.step += 1
         if all_finite(step_loss, grad_norm, accelerator):
             optimizer.step()
@@ -239,7 +230,7 @@ def train(config: Config) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.micro_batches += len(groups)
-        step_tokens = sum(b.tokens for b in batches)
+        step_tokens = sum(b.tokens for b in batches[:live])
         state.tokens += step_tokens
         window_tokens, window_steps = window_tokens + step_tokens, window_steps + 1
         bar.update(1)
@@ -263,9 +254,10 @@ def train(config: Config) -> dict:
         if eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
             metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}", generate=False)
             metrics_log.write(state.step, {f"eval_{k}": v for k, v in metrics.items() if k != "samples"})
-        if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps and main:
-            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, config)
-            prune_checkpoints(out, config.save_total_limit)
+        if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
+            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, config, procs)  # every process
+            if main:
+                prune_checkpoints(out, config.save_total_limit)
         if logged:  # a log step just closed the window: time from here, not counting eval or saving
             window_start = time.perf_counter()
     bar.close()
@@ -274,9 +266,10 @@ def train(config: Config) -> dict:
         summary["after"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "after")
         metrics_log.write(state.step, {f"eval_{k}": v for k, v in summary["after"].items() if k != "samples"})
     accelerator.wait_for_everyone()
+    gathered = engine.full_state(model, accelerator, trained_only=config.lora.enabled)  # sharded weights: whole on main
     if main:
-        check_finite(accelerator.unwrap_model(model), "final/")
-        summary["final_model"] = str(save_final(accelerator.unwrap_model(model), tokenizer, out / "final"))
+        check_finite(accelerator.unwrap_model(model), "final/", state=gathered)
+        summary["final_model"] = str(save_final(accelerator.unwrap_model(model), tokenizer, out / "final", gathered))
         summary["steps"] = state.step
         summary["skipped_steps"] = state.skipped_steps
         dump_json(summary, out / "summary.json")
