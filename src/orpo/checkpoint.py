@@ -58,6 +58,10 @@ class Procs:
     world: int = 1
     sharded: bool = False
     barrier: Callable[[], None] = lambda: None
+    # An engine that writes its own weights and optimizer state (DeepSpeed, through Accelerate's save_state /
+    # load_state; every process calls them). Its files are its own format, not only tensors.
+    save_state: Callable[[Path], None] | None = None
+    load_state: Callable[[Path], None] | None = None
 
     @property
     def main(self) -> bool:
@@ -143,13 +147,15 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainStat
     and with sharded weights its shards of the trained weights and optimizer state; the main process the rest."""
     procs = procs or Procs()
     final = out_dir / f"{PREFIX}{state.step}"
-    if procs.sharded:
+    if procs.sharded and procs.save_state is None:
         check_finite(model, final.name, local=True)
-    elif procs.main:
+    elif procs.main and procs.save_state is None:
         check_finite(model, final.name)
     with atomic_folder(final, procs.main, procs.barrier) as tmp:
         torch.save(_rng_state(), tmp / f"rng-{procs.rank}.pt")
-        if procs.sharded:
+        if procs.save_state is not None:
+            procs.save_state(tmp / "engine")
+        elif procs.sharded:
             from .engine import local_state
 
             weights, optim = local_state(model, optimizer)
@@ -262,6 +268,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, procs: Procs | None
     procs = procs or Procs()
     saved = json.loads((path / "trainer_state.json").read_text())
     written_by = saved.pop("processes", 1)
+    if (path / "engine").is_dir() or procs.load_state is not None:
+        if not ((path / "engine").is_dir() and procs.load_state is not None):
+            raise ConfigError(f"{path}: a DeepSpeed checkpoint resumes only under DeepSpeed, and a DeepSpeed run only from one")
+        procs.load_state(path / "engine")
+        scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
+        _set_rng_state(load_plain(path / f"rng-{procs.rank}.pt"))
+        return TrainState(**saved)
     sharded = (path / "trainable-0.safetensors").is_file()
     if sharded and (not procs.sharded or written_by != procs.world):
         raise ConfigError(f"{path} holds weights sharded over {written_by} processes: resume it with the same engine "

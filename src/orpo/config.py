@@ -45,6 +45,8 @@ class ModelConfig(_Section):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit quantization type.")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the 4-bit matmuls.")
+    bnb_4bit_quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; FSDP2 shards them only when it is the compute dtype.")
 
 
 class LoraConfig(_Section):

@@ -9,7 +9,10 @@ configs/accelerate/*.yaml`, or `torchrun` for DDP); the loop asks this module th
   every pass gathers the weights from all processes;
 - the whole trained weights, gathered onto the main process for `final/` (`full_state`);
 - each process's own shards of the trained weights and optimizer state, for checkpoints (`local_state`,
-  `load_local_state`).
+  `load_local_state`; DeepSpeed writes its own, through Accelerate's save_state);
+- DeepSpeed takes the optimizer step inside the last backward of a step (`backward`), and ZeRO-3 gathers each
+  module's weights only for that module's forward, so the fused layers, which read their children's weights,
+  stay off there (`fusable`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,56 @@ def make_accelerator(mixed_precision: str, log_with: list[str] | None, project_d
     return accelerator
 
 
+def configure_engine(config, accelerator) -> None:
+    """Refuse, before the model loads, settings the engine cannot serve (ConfigError, exit 2); give DeepSpeed the
+    settings orpo owns (its batch, no accumulation of its own, orpo's clipping)."""
+    model = config.model
+    if sharded(accelerator) and not deepspeed(accelerator) and model.load_in_4bit and model.bnb_4bit_quant_storage != model.bnb_4bit_compute_dtype:
+        raise ConfigError(f"4-bit weights are sharded only when stored in the compute dtype: set "
+                          f"model.bnb_4bit_quant_storage={model.bnb_4bit_compute_dtype} (now {model.bnb_4bit_quant_storage})")
+    if not deepspeed(accelerator):
+        return
+    if config.on_nonfinite == "skip":
+        raise ConfigError("on_nonfinite=skip: under DeepSpeed the optimizer step is taken inside DeepSpeed, before orpo "
+                          "sees the gradient norm; use on_nonfinite=stop (DeepSpeed's fp16 loss scaler skips overflows itself)")
+    if zero3(accelerator):
+        if config.layout == "packed":
+            raise ConfigError("layout=packed reads the output layer's weight outside its forward, which ZeRO-3 does not "
+                              "gather: set layout=plain, or shard with FSDP2 (configs/accelerate/fsdp2-*.yaml)")
+        if model.load_in_4bit:
+            raise ConfigError("4-bit weights (QLoRA) cannot be partitioned by ZeRO-3: use FSDP2 (configs/accelerate/fsdp2-qlora.yaml) or ZeRO-2")
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+    ds["gradient_accumulation_steps"] = 1  # orpo accumulates; the boundary is set per pass (backward)
+    ds["train_batch_size"] = config.per_device_train_batch_size * accelerator.num_processes
+    ds["gradient_clipping"] = config.max_grad_norm or 0.0
+
+
+def deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero3(accelerator) -> bool:
+    return deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def fusable(accelerator) -> bool:
+    """Whether the fused layers may read their children's weights inside one forward: not under ZeRO-3, which
+    gathers each module's weights only around that module's own forward."""
+    return not zero3(accelerator)
+
+
+def backward(accelerator, loss: torch.Tensor, last: bool) -> None:
+    """Backward of one pass. DeepSpeed is told whether it ends the step (it then reduces the gradients and takes
+    its optimizer step itself, clipping at config.max_grad_norm); the others only accumulate."""
+    if deepspeed(accelerator):
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+    else:
+        accelerator.backward(loss)
+
+
 def check_launch(processes: int) -> None:
     """Refuse a launch that asked for several processes and got one: `accelerate launch --cpu --num_processes N`
     starts one process (accelerate runs several CPU processes only through MPI) and sets MASTER_ADDR for nothing."""
@@ -63,9 +116,7 @@ def sharded(accelerator) -> bool:
     """True when each process holds only a share of the weights (FSDP, ZeRO-3)."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP or zero3(accelerator)
 
 
 def passes(live: int, accelerator) -> int:
@@ -78,8 +129,11 @@ def passes(live: int, accelerator) -> int:
     return int(accelerator.gather(torch.tensor([live], device=accelerator.device)).max())
 
 
-def plain(value: torch.Tensor) -> torch.Tensor:
-    """A tensor that may be a DTensor (FSDP2's gradient norm) as an ordinary one, whole on every process."""
+def plain(value) -> torch.Tensor:
+    """A gradient norm as an ordinary tensor, whole on every process: FSDP2 gives a DTensor, DeepSpeed a float
+    (None before it has measured one: 0)."""
+    if value is None or isinstance(value, (int, float)):
+        return torch.tensor(float(value or 0.0))
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
@@ -88,8 +142,9 @@ def full_state(model, accelerator, trained_only: bool) -> dict[str, torch.Tensor
     is not sharded (then it saves from its own copy). `trained_only`: the trainable tensors (LoRA adapters)."""
     if not sharded(accelerator):
         return None
-    if accelerator.distributed_type != accelerator.distributed_type.FSDP:
-        return accelerator.get_state_dict(model)  # ZeRO-3: consolidated by DeepSpeed on the main process
+    if zero3(accelerator):  # gathered in 16 bits by DeepSpeed (zero3_save_16bit_model: true in the config)
+        state = accelerator.get_state_dict(model)
+        return state if accelerator.is_main_process else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)

@@ -106,6 +106,7 @@ def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.
             bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=DTYPES[config.model.bnb_4bit_compute_dtype],
+            bnb_4bit_quant_storage=DTYPES.get(config.model.bnb_4bit_quant_storage, torch.uint8),
         )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or weights_dtype(config), **kwargs)
     if new_token_ids or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
@@ -116,11 +117,13 @@ def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.
     return model
 
 
-def load_model(config: Config, tokenizer, new_token_ids: list[int]):
-    """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled."""
+def load_model(config: Config, tokenizer, new_token_ids: list[int], fuse: bool = True):
+    """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled.
+    `fuse`: swap in orpo's fused layers (the same numbers, less memory and time; off under ZeRO-3)."""
     model = load_base(config, tokenizer, new_token_ids)
-    fuse_gated_mlps(model)  # the same numbers, a quarter less MLP activation memory
-    fuse_rms_norms(model)  # the same forward, a closed-form backward: a fifth of the passes
+    if fuse:
+        fuse_gated_mlps(model)  # the same numbers, a quarter less MLP activation memory
+        fuse_rms_norms(model)  # the same forward, a closed-form backward: a fifth of the passes
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -142,8 +145,9 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int]):
         trainable_token_indices=new_token_rows(model, new_token_ids) or None,
     )
     model = get_peft_model(model, lora)
-    fuse_lora_dropout(model)  # same dropout, drawn faster, one bool mask kept instead of two fp32 copies
-    fuse_lora_linears(model)  # each plain LoRA layer as one function: scales folded, one elementwise pass
+    if fuse:
+        fuse_lora_dropout(model)  # same dropout, drawn faster, one bool mask kept instead of two fp32 copies
+        fuse_lora_linears(model)  # each plain LoRA layer as one function: scales folded, one elementwise pass
     return model
 
 

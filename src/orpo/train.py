@@ -136,7 +136,11 @@ def train(config: Config) -> dict:
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     accelerator = engine.make_accelerator(mixed, config.report_to or None, str(out))  # one process, DDP, FSDP2, ZeRO
     main = accelerator.is_main_process
+    engine.configure_engine(config, accelerator)
     procs = Procs(accelerator.process_index, accelerator.num_processes, engine.sharded(accelerator), accelerator.wait_for_everyone)
+    if engine.deepspeed(accelerator):
+        procs.save_state = lambda path: accelerator.save_state(str(path))
+        procs.load_state = lambda path: accelerator.load_state(str(path))
     checkpoint = resolve_checkpoint(out, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     if checkpoint is not None:  # settings that change what is learned must be the checkpoint's
         saved_state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -154,7 +158,7 @@ def train(config: Config) -> dict:
     # Seeded again here so that LoRA's init and dropout depend on the seed only, not on how much randomness data
     # loading used (a cold tokenization cache must give the run a warm one gives).
     set_seed(config.seed)
-    model = load_model(config, tokenizer, new_token_ids)
+    model = load_model(config, tokenizer, new_token_ids, fuse=engine.fusable(accelerator))
     if config.layout == "packed":
         check_packed(model)  # a model the packed layout cannot serve stops here, before any work
     trainable, total = count_parameters(model)
@@ -213,7 +217,7 @@ def train(config: Config) -> dict:
             if i >= live:  # keeps this process in step with the others; adds nothing to the gradient or the metrics
                 loss, stats = loss * 0, {k: v * 0 for k, v in stats.items()}
             # DDP averages gradients over processes; the loss is already a global mean, so undo that average.
-            accelerator.backward(loss * accelerator.num_processes)
+            engine.backward(accelerator, loss * accelerator.num_processes, last)
             step_loss, step_stats = step_loss + loss.detach(), add_stats(step_stats, stats)
         # Clipping at inf when off: the norm is still measured (logged, and checked below), the gradient unchanged.
         grad_norm = engine.plain(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
