@@ -212,3 +212,24 @@ def test_fsdp2_over_two_processes_trains_what_one_does(chat_model_dir, wide_mode
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max_difference(final_weights(two), final_weights(again)) == 0
     assert_same_run({k: v for k, v in metrics(two).items() if k > 2}, metrics(again), tol=0)
+
+
+def test_the_two_node_command_on_one_machine(chat_model_dir, pairs_file, tmp_path):
+    """The README's 2-node command (`accelerate launch --config_file configs/accelerate/ddp.yaml --num_machines 2
+    --num_processes 2 --machine_rank R --main_process_ip HOST --main_process_port P`), both "nodes" on this machine
+    with one process each: the run the single-node launch gives (1 process x 4 pairs), within 1e-6."""
+    common = dict(max_steps=3, gradient_accumulation_steps=2, eval_steps="null", eval_on_start="false", **{"lora.dropout": 0.0})
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = launch(1, ["train", *overrides(chat_model_dir, pairs_file, one, per_device_train_batch_size=4, **common)])
+    assert single.returncode == 0, single.stderr[-3000:]
+    port, env = str(free_port()), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+                               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
+                               "127.0.0.1", "--main_process_port", port, "-m", "orpo.cli", "train",
+                               *overrides(chat_model_dir, pairs_file, two, per_device_train_batch_size=2, **common)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert_same_run(metrics(one), metrics(two))
+    assert max_difference(adapter(one), adapter(two)) <= 1e-6
+    assert sum(out.count("preference accuracy") for out, _ in results) <= 1 and (two / "summary.json").is_file()
