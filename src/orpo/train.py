@@ -216,7 +216,7 @@ def train(config: Config) -> dict:
                 loss, stats = orpo_loss(logps, batch.response, batch.nll, config.beta, norm)
             if i >= live:  # keeps this process in step with the others; adds nothing to the gradient or the metrics
                 loss, stats = loss * 0, {k: v * 0 for k, v in stats.items()}
-            # DDP averages gradients over processes; the loss is already a global mean, so undo that average.
+            # DDP, FSDP2 and DeepSpeed average gradients over processes; the loss is already a global mean: undo that.
             engine.backward(accelerator, loss * accelerator.num_processes, last)
             step_loss, step_stats = step_loss + loss.detach(), add_stats(step_stats, stats)
         # Clipping at inf when off: the norm is still measured (logged, and checked below), the gradient unchanged.
@@ -242,12 +242,13 @@ def train(config: Config) -> dict:
         logged = state.step % config.logging_steps == 0 or state.step == total_steps
         if logged:
             elapsed = time.perf_counter() - window_start
+            all_tokens = float(accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), reduction="sum"))
             values = finish_metrics({k: accelerator.reduce(v, reduction="sum") for k, v in window.items()}, config.beta) if window else {}
             values.update(
                 learning_rate=scheduler.get_last_lr()[0],
                 grad_norm=float(grad_norm),  # sync point
                 epoch=state.micro_batches / per_epoch,
-                tokens_per_second=window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
+                tokens_per_second=all_tokens / max(elapsed, 1e-9),
                 seconds_per_step=elapsed / window_steps,
                 skipped_steps=state.skipped_steps,
             )
