@@ -1,7 +1,7 @@
 """The upload folder for `orpo push`: the model files of a run (its adapter) or of a merged model, plus a
 model card (README.md with YAML front matter) and the training-curve PNGs of the run's report.
 
-No network here: `stage` writes a folder; hub.push uploads it.
+No network here: `stage` writes a folder; upload.py uploads it.
 """
 
 from __future__ import annotations

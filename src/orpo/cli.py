@@ -71,7 +71,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import run_push
+    from .upload import run_push
 
     return run_push(args.folder, args.repo, args.private, args.dry_run)
 

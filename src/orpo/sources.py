@@ -136,7 +136,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train"):
         return _read_folder(local)
     if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_KINDS)) or path.endswith(".gz"):
         raise DataError(f"data file not found: {path}")
-    from .hub import load_hub_dataset
+    from .hub_read import load_hub_dataset
 
     return load_hub_dataset(path, name, split)
 

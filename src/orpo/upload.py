@@ -1,18 +1,9 @@
-"""Everything that talks to the Hugging Face Hub (the only network code in orpo)."""
+"""Uploading to the Hugging Face Hub (beside card.py, which stages what goes up): `orpo push`. The only code that
+sends anything over the network; reading datasets is hub_read.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def load_hub_dataset(name: str, config_name: str | None, split: str):
-    """A dataset split from the Hub (needs network, or a warm HF cache with HF_HUB_OFFLINE=1)."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(name, config_name, split=split)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"dataset '{name}' is neither a local file/folder nor reachable on the Hub: {exc}") from None
 
 
 def hub_token() -> str:
