@@ -26,7 +26,7 @@ def tiny_run(chat_model_dir, tmp_path_factory):
 
 def test_eval_of_a_run_equals_summary_after_and_base_equals_before(tiny_run, chat_model_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", str(tiny_run), "--compare", str(chat_model_dir), "--samples", "2", "--json", str(out)]) == 0
+    assert main(["eval", str(tiny_run), "--compare", str(chat_model_dir), "--samples", "2", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "preference accuracy" in text and "change" in text and "generation samples" in text
     results = json.loads(out.read_text())
@@ -68,7 +68,7 @@ def test_lm_eval_harness_on_a_local_task(tiny_run, tmp_path, capsys, monkeypatch
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
     out = tmp_path / "r.json"
-    assert main(["eval", str(tiny_run), "--no-generate", "--lm-eval", "tiny_qa", "--lm-eval-include", str(tmp_path), "--json", str(out)]) == 0
+    assert main(["eval", str(tiny_run), "--no-generate", "--lm-eval", "tiny_qa", "--lm-eval-include", str(tmp_path), "--output", str(out)]) == 0
     acc = json.loads(out.read_text())[str(tiny_run)]["lm_eval"]["tiny_qa"]["acc"]
     assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
     assert "tiny_qa/acc" in capsys.readouterr().out

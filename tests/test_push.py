@@ -125,3 +125,45 @@ def test_a_merged_models_run_dir_cannot_point_elsewhere(tiny_run, tmp_path):
     dry = tmp_path / "dry"
     assert main(["push", str(merged), "--repo", "me/m", "--dry-run", str(dry)]) == 0
     assert not (elsewhere / "plots").exists() and not (dry / "plots").exists()
+
+
+def test_training_and_merging_write_the_push_card(tiny_run, tmp_path):
+    """final/README.md after `orpo train` and README.md after `orpo merge` are orpo's card (not peft's empty template
+    with a cache path): metadata, the paper cited, framework versions, curves that resolve, loading from the folder;
+    the same text `orpo push` stages, but for the title and where it loads from."""
+    from orpo.card import stage
+
+    readme = (tiny_run / "final" / "README.md").read_text()
+    meta = front_matter(readme)
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation" and "orpo" in meta["tags"]
+    assert "More Information Needed" not in readme and "base_model" not in meta  # a local base: no Hub id to give
+    for part in ("arXiv:2403.07691", "## Framework versions", "- torch: ", "- orpo: ", "## Held-out evaluation",
+                 f'from_pretrained("{(tiny_run / "final").resolve()}")'):
+        assert part in readme, part
+    for image in [line.split("](")[1].rstrip(")") for line in readme.splitlines() if line.startswith("![")]:
+        assert (tiny_run / "final" / image).resolve().is_file(), image
+    stage(tiny_run, "me/tiny", tmp_path / "staged")
+    pushed = (tmp_path / "staged" / "README.md").read_text()
+    assert meta == front_matter(pushed)
+    assert main(["merge", str(tiny_run), "--dtype", "bf16", "--out", str(tmp_path / "merged")]) == 0
+    merged = (tmp_path / "merged" / "README.md").read_text()
+    assert front_matter(merged)["library_name"] == "transformers" and "merged model" in merged
+
+
+def test_card_metadata_names_hub_base_models_datasets_and_licenses(tmp_path):
+    """The builtin base is SmolLM2 on the Hub (Apache 2.0); Hub datasets are listed, local ones described in words;
+    `license` overrides; a local base folder's own card gives its license."""
+    from orpo.card import model_card
+
+    builtin = model_card("me/demo", load_config(None, []), "adapter", {}, [], [])
+    meta = front_matter(builtin)
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+    assert "datasets" not in meta and "generated preference tasks" in builtin
+    hub = front_matter(model_card("me/x", load_config(None, ["data.path=mlabonne/orpo-dpo-mix-40k", "license=mit"]), "adapter", {}, [], []))
+    assert hub["datasets"] == ["mlabonne/orpo-dpo-mix-40k"] and hub["license"] == "mit"
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "README.md").write_text("---\nlicense: llama3\n---\n# a base\n")
+    local = model_card("me/y", load_config(None, [f"model.name_or_path={base}", f"data.path={tmp_path / 'pairs.jsonl'}"]), "full", {}, [], [])
+    assert front_matter(local)["license"] == "llama3" and "`pairs.jsonl`" in local

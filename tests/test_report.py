@@ -5,21 +5,46 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
+import subprocess
 
-from conftest import tiny_overrides
+import pytest
+
+from conftest import PAIRS, tiny_overrides, write_jsonl
 from orpo.cli import main
 from orpo.report import PLOTS, write_report
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+# Appended to a copy of report.html: after load, every image's state as JSON in <pre id='probe'>.
+PROBE = """<script>window.addEventListener('load', () => {
+  const seen = [...document.images].map(img => { const box = img.getBoundingClientRect(), style = getComputedStyle(img);
+    return {alt: img.alt, complete: img.complete, natural: img.naturalWidth, width: box.width, height: box.height,
+            shown: style.visibility === 'visible' && style.display !== 'none' && Number(style.opacity) > 0}; });
+  const out = document.createElement('pre'); out.id = 'probe'; out.textContent = JSON.stringify(seen); document.body.append(out);
+});</script>"""
 
-def test_train_writes_the_report_and_orpo_report_rebuilds_it(chat_model_dir, pairs_file, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["train", *tiny_overrides(chat_model_dir, pairs_file, out, eval_steps=2, max_new_tokens=4)]) == 0
+
+@pytest.fixture(scope="module")
+def report_run(chat_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    out = tmp / "run"
+    data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
+    assert main(["train", *tiny_overrides(chat_model_dir, data, out, eval_steps=2, max_new_tokens=4, logging_steps=2, max_steps=4)]) == 0
+    return out
+
+
+def test_train_writes_the_report_and_orpo_report_rebuilds_it(report_run, capsys):
+    out = report_run
     page = (out / "report.html").read_text()
-    assert {p.stem for p in (out / "plots").glob("*.png")} == {stem for stem, _, _ in PLOTS}
+    assert {p.stem for p in (out / "plots").glob("*.png")} == {stem for stem, _, _, _ in PLOTS}
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(images) == len(PLOTS) and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "src='http" not in page and "<script" not in page  # self-contained, nothing fetched
     assert "preference accuracy" in page and "before" in page
+    for fact in ("base model", "training pairs", "dropped</th><td>none", "wall time", "tokens/s", "hardware", "torch 2.", "orpo "):
+        assert fact in page, fact
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 4]  # step 1 too: the warm-up's first learning rate
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").is_file() and "report:" in capsys.readouterr().out
@@ -38,3 +63,27 @@ def test_report_escapes_samples_and_handles_missing_parts(tmp_path):
 
 def test_report_of_a_non_run_fails(tmp_path):
     assert main(["report", str(tmp_path)]) == 1
+
+
+def test_drops_and_durations_in_words():
+    from orpo.report import dropped_words, duration
+
+    assert dropped_words({}) == "none"
+    assert dropped_words({"train/too_long": 3, "read/tie": 1}) == (
+        "1 rows read: chosen and rejected scored alike; 3 training pairs: longer than max_length")
+    assert (duration(42), duration(185), duration(7260)) == ("42 s", "3 min 5 s", "2 h 1 min")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian package chromium)")
+def test_report_renders_in_headless_chromium(report_run, tmp_path):
+    """The page as a browser shows it: every plot decodes (natural width > 0) and is laid out visible."""
+    page = tmp_path / "report.html"
+    page.write_text((report_run / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    shown = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                            "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r"<pre id=\"probe\">(.*?)</pre>", shown.stdout, re.S)
+    assert found, shown.stderr[-2000:]
+    images = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(images) == len(list((report_run / "plots").glob("*.png"))) == len(PLOTS)
+    for image in images:
+        assert image["complete"] and image["natural"] > 0 and image["width"] > 100 and image["height"] > 50 and image["shown"], image

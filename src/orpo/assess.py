@@ -15,7 +15,7 @@ from .config import load_config
 from .data import load_pairs, to_messages
 from .evaluate import HELD_OUT_ROWS, format_metric, generate_replies
 from .runs import Target, load, resolve
-from .tracking import dump_json
+from .tracking import dump_json, finite_json
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ def harness_table(names: list[str], results: list[dict]) -> str:
 
 
 def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | None, samples: int, generate: bool,
-             json_out: str | None = None, harness: dict | None = None) -> int:
-    """`orpo eval`: print the table (and samples); with `compare`, that model is the first column."""
+             json_out: str | None = None, harness: dict | None = None, as_json: bool = False) -> int:
+    """`orpo eval`: print the table (and samples), or with `as_json` the results as JSON on stdout; `json_out`: also
+    write them to that file. With `compare`, that model is the first column."""
     if data is not None:
         overrides = [f"data.path={data}", *overrides]
     target = resolve(spec, overrides)
@@ -120,6 +121,11 @@ def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | N
         targets.insert(0, resolve(compare, like=target.config))  # a base model is measured on the same split
     names = [t.spec for t in targets]
     results = [evaluate_target(t, samples, generate, harness) for t in targets]
+    if json_out:
+        dump_json(dict(zip(names, results, strict=True)), Path(json_out))
+    if as_json:
+        print(json.dumps(finite_json(dict(zip(names, results, strict=True))), indent=2, allow_nan=False))
+        return 0
     print("\n" + table(names, results))
     if harness:
         print("\n" + harness_table(names, results))
@@ -128,6 +134,4 @@ def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | N
         print(check)
     if any(r.get("samples") for r in results):
         print("\ngeneration samples (greedy):" + samples_text(names, results))
-    if json_out:
-        dump_json(dict(zip(names, results, strict=True)), Path(json_out))
     return 0

@@ -7,19 +7,20 @@ No network here: `stage` writes a folder; upload.py uploads it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import yaml
 
-from .config import BUILTIN, Config, load_config
+from .config import BUILTIN, BUILTIN_HUB_ID, Config, load_config
 from .evaluate import HELD_OUT_ROWS, format_metric
-from .report import read_metrics, write_plots
+from .report import PLOTS, read_metrics, write_plots
 from .runs import MERGED_CONFIG
 
 MODEL_FILES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")  # weights, configs, tokenizer
 SKIP = {"orpo_merge.json"}
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what builtin/model.py converts from its GGUF
+BUILTIN_LICENSE = "apache-2.0"  # SmolLM2's
 
 
 def _run_of(folder: Path) -> tuple[Path | None, Path, Config, str]:
@@ -62,16 +63,69 @@ def _is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
-def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: list[dict], plots: list[str]) -> str:
-    """README.md: YAML metadata, then what it is, results, curves, how to load it, the config."""
+CITATION = """@article{hong2024orpo,
+  title   = {ORPO: Monolithic Preference Optimization without Reference Model},
+  author  = {Hong, Jiwoo and Lee, Noah and Thorne, James},
+  journal = {arXiv preprint arXiv:2403.07691},
+  year    = {2024}
+}"""
+FRAMEWORKS = ("orpo", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of orpo and the libraries it trains with (those installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in FRAMEWORKS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def base_license(config: Config) -> str | None:
+    """config.license, else the base model's license where orpo knows it: the builtin model's (SmolLM2: Apache
+    2.0), or the `license:` of a local base folder's own model card."""
+    if config.license:
+        return config.license
+    if config.model.name_or_path == BUILTIN:
+        return BUILTIN_LICENSE
+    card = Path(config.model.name_or_path).expanduser() / "README.md"
+    if card.is_file() and card.read_text(errors="replace").startswith("---"):
+        try:
+            front = yaml.safe_load(card.read_text(errors="replace").split("---")[1]) or {}
+        except yaml.YAMLError:
+            return None
+        return str(front["license"]) if isinstance(front, dict) and front.get("license") else None
+    return None
+
+
+def data_sources(config: Config) -> tuple[list[str], list[str]]:
+    """(Hub dataset names, local data described in words) the run trained on."""
+    paths = [config.data.path] if not config.data.mixture else [entry.path for entry in config.data.mixture]
+    hub = [p for p in paths if p != BUILTIN and _is_hub_id(p)]
+    local = ["orpo's generated preference tasks (`data.path: builtin`)" if p == BUILTIN else f"the local file or folder `{Path(p).name}`"
+             for p in paths if p not in hub]
+    return hub, local
+
+
+def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: list[dict], plots: list[str],
+               load_from: str | None = None) -> str:
+    """README.md: YAML metadata, then what it is, results, curves, how to load it (from `load_from`, default
+    `repo`), the versions, the citation, the config."""
     base = base_model_id(config)
     meta: dict = {"library_name": "peft" if kind == "adapter" else "transformers", "pipeline_tag": "text-generation",
                   "tags": ["orpo", "preference-optimization"] + (["lora"] if kind == "adapter" else [])}
     if _is_hub_id(base):
         meta["base_model"] = base
-    if config.data.path != BUILTIN and _is_hub_id(config.data.path):
-        meta["datasets"] = [config.data.path]
-    data = "orpo's generated preference tasks (`data.path: builtin`)" if config.data.path == BUILTIN else f"`{config.data.path}`"
+    hub_data, local_data = data_sources(config)
+    if hub_data:
+        meta["datasets"] = hub_data
+    if base_license(config):
+        meta["license"] = base_license(config)
+    data = ", ".join([f"`{d}`" for d in hub_data] + local_data)
     what = {"adapter": "a LoRA adapter", "merged": "a merged model (LoRA folded into the base weights)", "full": "a fully fine-tuned model"}[kind]
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
@@ -100,21 +154,47 @@ def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: lis
         lines += [f"| {k} | {last[k]:.4f} |" for k in keys if isinstance(last.get(k), float)] + [""]
     if plots:
         lines += ["## Training curves", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    source = load_from or repo
     lines += ["## How to load", "", "```python"]
     if kind == "adapter":
         lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")  # downloads the base model too',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{source}")  # loads the base model too',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{source}")']
     else:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo}")', f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
+                  f'model = AutoModelForCausalLM.from_pretrained("{source}")', f'tokenizer = AutoTokenizer.from_pretrained("{source}")']
     lines += ['messages = [{"role": "user", "content": "What is 12 + 7?"}]',
               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))", "```", "",
               "The chat template is saved with the tokenizer; generation stops at its end-of-turn token.", "",
+              "## Framework versions", ""] + [f"- {name}: {v}" for name, v in framework_versions().items()] + [
+              "", "## Citation", "", "ORPO (Hong, Lee & Thorne 2024, arXiv:2403.07691):", "", "```bibtex", CITATION, "```", "",
               "## Training config", "", "<details><summary>config.yaml</summary>", "", "```yaml",
               yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False).strip(), "```", "", "</details>", ""]
     return "\n".join(lines)
+
+
+def write_card(folder: str | Path) -> Path:
+    """Write the card `orpo push` writes into a model folder on disk: a run's final/ (the end of `orpo train`) or a
+    merged model (the end of `orpo merge`), named after the run and loading from the folder. Replaces peft's
+    empty template. Returns the README path."""
+    folder = Path(folder)
+    run, model_dir, config, kind = _run_of(folder.parent if folder.name == "final" else folder)
+    summary, metrics = _results(run)
+    where = Path(os.path.relpath(run / "plots", model_dir)).as_posix() if run else ""
+    plots = [f"{where}/{stem}.png" for stem, *_ in PLOTS if run and (run / "plots" / f"{stem}.png").is_file()]  # report order
+    name = (run or model_dir).name
+    path = model_dir / "README.md"
+    path.write_text(model_card(name, config, kind, summary, metrics, plots, load_from=str(model_dir.resolve())))
+    return path
+
+
+def _results(run: Path | None) -> tuple[dict, list[dict]]:
+    """A run's summary (without generation samples) and metrics lines; empty without a run."""
+    summary = json.loads((run / "summary.json").read_text()) if run and _plain_file(run / "summary.json", run) else {}
+    for key in ("before", "after"):
+        summary.get(key, {}).pop("samples", None)
+    return summary, read_metrics(run) if run and _plain_file(run / "metrics.jsonl", run) else []
 
 
 def stage(folder: str | Path, repo: str, out: str | Path) -> list[Path]:
@@ -132,10 +212,7 @@ def stage(folder: str | Path, repo: str, out: str | Path) -> list[Path]:
         if config.model.name_or_path == BUILTIN:
             adapter["base_model_name_or_path"] = BUILTIN_HUB_ID
             (out / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
-    summary = json.loads((run / "summary.json").read_text()) if run and _plain_file(run / "summary.json", run) else {}
-    for key in ("before", "after"):
-        summary.get(key, {}).pop("samples", None)
-    metrics = read_metrics(run) if run and _plain_file(run / "metrics.jsonl", run) else []
+    summary, metrics = _results(run)
     plots = []
     if metrics:  # drawn straight into the upload folder: nothing is written into the run
         plots = [f"plots/{stem}.png" for stem in write_plots(run, out / "plots")]

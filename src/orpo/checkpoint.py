@@ -33,7 +33,7 @@ from .tracking import flat_params
 RESUME_MAY_CHANGE = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "eval_on_start",
     "save_steps", "save_total_limit", "report_to", "per_device_eval_batch_size", "max_new_tokens", "on_nonfinite",
-    "gradient_checkpointing", "layout", "max_tokens_per_batch", "logps_chunk_size",
+    "gradient_checkpointing", "layout", "max_tokens_per_batch", "logps_chunk_size", "license",
 }
 
 PREFIX = "checkpoint-"

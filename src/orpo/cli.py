@@ -61,7 +61,8 @@ def cmd_eval(args) -> int:
     from .assess import run_eval
 
     harness = dict(tasks=args.lm_eval.split(","), include_path=args.lm_eval_include, limit=args.lm_eval_limit) if args.lm_eval else None
-    return run_eval(args.target, [*args.items, *_remote_code(args)], args.data, args.compare, args.samples, not args.no_generate, args.json, harness)
+    return run_eval(args.target, [*args.items, *_remote_code(args)], args.data, args.compare, args.samples, not args.no_generate,
+                    args.output, harness, args.json)
 
 
 def cmd_merge(args) -> int:
@@ -97,42 +98,67 @@ def cmd_data_inspect(args) -> int:
     return run_inspect(config, args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="orpo", description="ORPO fine-tuning of language models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+EXIT_CODES = """exit status: 0 done, 1 failed (a run, a check or a file error), 2 bad usage or config.
+Options go anywhere on the line: orpo train -v, orpo eval RUN --data F key=value. --json always means
+machine-readable output on stdout; a file, where wanted, is --output FILE."""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("orpo")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; -v/--verbose is accepted before and after the command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and third-party progress bars and loading messages")
+    parser = argparse.ArgumentParser(prog="orpo", description="ORPO fine-tuning of language models.", epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    parser.add_argument("--version", action="version", version=f"orpo {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="fine-tune with ORPO (no config file: the embedded demo's preset)")
+
+    def command(name: str, text: str):
+        return sub.add_parser(name, help=text, description=text, epilog=EXIT_CODES, parents=[common],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("train", "fine-tune with ORPO (no config file: the embedded demo's preset)")
     p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] (see `orpo config`)")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("config", help="list every config key with its default and description")
+    p = command("config", "list every config key with its default and description")
     p.set_defaults(func=cmd_config)
-    p = sub.add_parser("eval", help="held-out preference (and task) metrics of a run, merged or base model")
+    p = command("eval", "held-out preference (and task) metrics of a run, merged or base model")
     p.add_argument("target", help="run folder, merged model folder, 'builtin', Hub id or model folder")
     p.add_argument("items", nargs="*", help="key=value config overrides (data.*, beta, per_device_eval_batch_size, ...)")
     p.add_argument("--data", help="preference data to evaluate on (sets data.path)")
     p.add_argument("--compare", metavar="OTHER", help="a second model, shown in the first column (e.g. builtin: the base)")
     p.add_argument("--samples", type=int, default=4, help="generation samples to show (default 4)")
     p.add_argument("--no-generate", action="store_true", help="skip generation (task accuracy and samples)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (instead of the table)")
+    p.add_argument("--output", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated; needs orpo[eval])")
     p.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=int, help="at most this many documents per lm-eval task")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base, save and verify the logits")
+    p = command("merge", "merge a run's LoRA adapter into its base, save and verify the logits")
     p.add_argument("run_dir")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--out", required=True, help="folder for the merged model (replaced if it exists)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("push", help="upload a run's adapter or a merged model with a model card to the Hub")
+    p = command("push", "upload a run's adapter or a merged model with a model card to the Hub")
     p.add_argument("folder", help="run folder or merged model folder")
     p.add_argument("--repo", required=True, help="Hub repository, user/name")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", metavar="FOLDER", help="write what would be uploaded into FOLDER; no network")
     p.set_defaults(func=cmd_push)
-    p = sub.add_parser("chat", help="chat with a run, merged or base model (tokens streamed)")
+    p = command("chat", "chat with a run, merged or base model (tokens streamed)")
     p.add_argument("target", help="run folder, merged model folder, 'builtin', Hub id or model folder")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system message")
@@ -142,26 +168,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("report", help="rebuild a run's report.html and plots/*.png")
+    p = command("report", "rebuild a run's report.html and plots/*.png")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("data", help="data tools")
+    p = command("data", "data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    p = data_sub.add_parser("inspect", help="the data doctor: counts, drops, token lengths, pitfalls, rendered examples")
+    p = data_sub.add_parser("inspect", help="the data doctor: counts, drops, token lengths, pitfalls, rendered examples",
+                            epilog=EXIT_CODES, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] (the training config)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_data_inspect)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options anywhere: key=value items after an option (`orpo eval RUN --data F key=value`) join the command's
+    items; anything else left over is a usage error (exit 2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "items")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.items = [*args.items, *extra]
+    args.verbose = getattr(args, "verbose", False)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     quiet = not is_main_process() and not args.verbose  # other ranks: warnings and errors only
     if quiet:
         import datasets
 
         datasets.disable_progress_bars()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)  # also when logging was set up before (main called twice in one process)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes warns at import on CPU-only machines about an optional kernels package; not actionable.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .trl_names import translate as translate_trl
 
 BUILTIN = "builtin"
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what builtin/model.py converts from its GGUF
 
 
 class ConfigError(ValueError):
@@ -179,6 +180,7 @@ class Config(_Section):
     max_tokens_per_batch: int | None = Field(None, ge=16, description="packed: token budget of one forward pass (rows x row length, padding included); the step's pairs are packed into as few passes as fit. null = max_length on a CPU, 2 x batch size x max_length on a GPU. A longer pair gets a pass of its own.")
     logps_chunk_size: int | None = Field(None, ge=1, description="packed: tokens per chunk through the output layer; the loss's memory is chunk x vocabulary. null = 2^24 / vocabulary size (64 MB of fp32 logits).")
     max_new_tokens: int = Field(16, ge=1, description="Token budget of generations during task evaluation.")
+    license: str | None = Field(None, description="License in the model card's metadata (e.g. apache-2.0, a Hub license id); null = the base model's when orpo knows it.")
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -37,7 +37,7 @@ import torch
 from .config import Config
 from .formats import DataError, to_messages
 from .loss import IGNORE
-from .sources import DataReport, build_rows, read_rows, sample_and_split
+from .sources import DataReport, build_rows, quiet_datasets, read_rows, sample_and_split
 
 __all__ = ["DataError", "DataReport", "read_rows", "sample_and_split", "to_messages"]  # re-exported for callers
 
@@ -224,7 +224,8 @@ def tokenize_rows(dataset, tokenizer, spec: TokenSpec, num_proc: int | None, cac
         target = cache_dir / _fingerprint(dataset, tokenizer, spec)
         if (target / "state.json").exists():
             log.info("%s: tokenized data from cache %s", label, target)
-            return datasets.load_from_disk(str(target))
+            with quiet_datasets():
+                return datasets.load_from_disk(str(target))
 
     def batch(rows):
         pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(rows["prompt"], rows["chosen"], rows["rejected"], strict=True)]
@@ -242,12 +243,14 @@ def tokenize_rows(dataset, tokenizer, spec: TokenSpec, num_proc: int | None, cac
                             num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 512 else None, desc=f"tokenizing {label}")
     if target is not None:
         partial = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tokenized.save_to_disk(str(partial))
+        with quiet_datasets():
+            tokenized.save_to_disk(str(partial))
         try:
             partial.rename(target)
         except OSError:  # another run wrote the same key first
             shutil.rmtree(partial, ignore_errors=True)
-        tokenized = datasets.load_from_disk(str(target))
+        with quiet_datasets():
+            tokenized = datasets.load_from_disk(str(target))
     return tokenized
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from .card import write_card
 from .data import end_of_turn_id
 from .runs import MERGED_CONFIG, load, prompt_logits, resolve
 
@@ -106,6 +107,7 @@ def run_merge(run_dir: str, dtype: str, out: str, max_shard_size: str = "2GB", o
     print(f"merged model ({dtype}) saved to {path}: {', '.join(files)}")
     check = check_merge(run_dir, path, dtype, overrides=overrides)
     (path / "orpo_merge.json").write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()), "dtype": dtype, **check.__dict__, "passed": check.passed}, indent=2))
+    write_card(path)  # README.md: the model card `orpo push` uploads
     verdict = "PASS" if check.passed else "FAIL"
     print(
         f"logit check vs the adapter model on {len(PROMPTS)} prompts: max |diff| = {check.max_abs_diff:.3e} "

@@ -90,6 +90,16 @@ def load_tokenizer(config: Config):
     return tokenizer, new_ids
 
 
+def loading_bars() -> None:
+    """transformers' weight-loading bars and notices only with -v (orpo's own bars stay)."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger("orpo").isEnabledFor(logging.DEBUG):
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+
+
 def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.dtype | None = None, quantized: bool = True):
     """The base model as the config describes it (4-bit when model.load_in_4bit and `quantized`), with room
     for the tokenizer's tokens and the pad/end-of-turn ids set; `dtype` overrides the weights dtype."""
@@ -108,6 +118,7 @@ def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.
             bnb_4bit_compute_dtype=DTYPES[config.model.bnb_4bit_compute_dtype],
             bnb_4bit_quant_storage=DTYPES.get(config.model.bnb_4bit_quant_storage, torch.uint8),
         )
+    loading_bars()
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or weights_dtype(config), **kwargs)
     if new_token_ids or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))

@@ -14,18 +14,30 @@ import json
 import math
 from pathlib import Path
 
+from .config import BUILTIN, BUILTIN_HUB_ID
 from .evaluate import HELD_OUT_ROWS, format_metric
 
-# (file stem, title, metric keys drawn together); each key is drawn for train and, prefixed eval_, for eval.
+# (file stem, title, y-axis label, metric keys drawn together); each key is drawn for train and, prefixed eval_,
+# for eval.
 PLOTS = [
-    ("loss", "loss", ["loss"]),
-    ("nll_loss", "NLL (chosen)", ["nll_loss"]),
-    ("log_odds_ratio", "log-odds ratio term (log sigmoid z)", ["log_odds_ratio"]),
-    ("rewards", "rewards (beta * mean logp)", ["rewards/chosen", "rewards/rejected"]),
-    ("margins", "reward margin (chosen - rejected)", ["rewards/margins"]),
-    ("accuracies", "preference accuracy", ["rewards/accuracies"]),
-    ("learning_rate", "learning rate", ["learning_rate"]),
+    ("loss", "loss", "loss", ["loss"]),
+    ("nll_loss", "NLL (chosen)", "NLL per token", ["nll_loss"]),
+    ("log_odds_ratio", "log-odds ratio term (log sigmoid z)", "log sigmoid z", ["log_odds_ratio"]),
+    ("log_odds_chosen", "log-odds of chosen over rejected (z)", "z", ["log_odds_chosen"]),
+    ("logps", "mean log-prob per response token", "log p per token", ["logps/chosen", "logps/rejected"]),
+    ("rewards", "rewards (beta * mean logp)", "reward", ["rewards/chosen", "rewards/rejected"]),
+    ("margins", "reward margin (chosen - rejected)", "margin", ["rewards/margins"]),
+    ("accuracies", "preference accuracy", "share of pairs", ["rewards/accuracies"]),
+    ("learning_rate", "learning rate", "learning rate", ["learning_rate"]),
+    ("grad_norm", "gradient norm (before clipping)", "L2 norm", ["grad_norm"]),
+    ("tokens_per_second", "throughput", "tokens / s", ["tokens_per_second"]),
 ]
+# Drop reasons (data report keys `<stage>/<reason>`) in words.
+REASONS = {
+    "bad_row": "unreadable rows", "no_score": "no score to filter on", "below_min_score": "below data.min_score",
+    "tie": "chosen and rejected scored alike", "empty_response": "an empty response", "identical_responses":
+    "chosen identical to rejected", "too_long": "longer than max_length",
+}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -41,9 +53,11 @@ def series(lines: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot(lines: list[dict], title: str, keys: list[str]) -> bytes | None:
-    """One PNG: each key's train curve (solid) and eval points (dashed, markers); None when nothing to draw."""
+def plot(lines: list[dict], title: str, keys: list[str], ylabel: str = "") -> bytes | None:
+    """One PNG: each key's train curve (solid) and eval points (dashed, markers); None when nothing to draw.
+    Steps are whole numbers on the x axis however short the run."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5.6, 3.4), dpi=100)
     ax = fig.add_subplot()
@@ -59,6 +73,8 @@ def plot(lines: list[dict], title: str, keys: list[str]) -> bytes | None:
         return None
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -72,8 +88,8 @@ def write_plots(run_dir: Path, out: Path | None = None) -> dict[str, Path]:
     lines = read_metrics(run_dir)
     out = run_dir / "plots" if out is None else out
     written = {}
-    for stem, title, keys in PLOTS:
-        png = plot(lines, title, keys)
+    for stem, title, ylabel, keys in PLOTS:
+        png = plot(lines, title, keys, ylabel)
         if png is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{stem}.png").write_bytes(png)
@@ -124,6 +140,54 @@ th{background:#f2f2f2}.ok{background:#e6f6e6}.bad{background:#fbe9e9}.plots{disp
 .plots img{width:560px;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}"""
 
 
+def dropped_words(dropped: dict[str, int]) -> str:
+    """{'train/too_long': 3, 'read/tie': 1} -> '3 training pairs longer than max_length; 1 read row ...'."""
+    if not dropped:
+        return "none"
+    stage = {"read": "rows read", "train": "training pairs", "eval": "held-out pairs"}
+    parts = []
+    for key, count in sorted(dropped.items()):
+        where, _, reason = key.partition("/")
+        parts.append(f"{count} {stage.get(where, where)}: {REASONS.get(reason, reason.replace('_', ' '))}")
+    return "; ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def header_html(summary: dict, config_text: str, lines: list[dict]) -> str:
+    """What a reader checks first: base model, data (name, counts, drops in words), steps, time, throughput,
+    hardware, versions. Each from summary.json / config.yaml; '?' where the run did not record it."""
+    import yaml
+
+    config = yaml.safe_load(config_text) or {} if config_text else {}
+    model, data_cfg, data = config.get("model", {}), config.get("data", {}), summary.get("data", {})
+    sources = [m.get("path") for m in data_cfg.get("mixture", [])] or [data_cfg.get("path", "?")]
+    tokens, wall = summary.get("tokens"), summary.get("wall_seconds")
+    base = str(model.get("name_or_path", "?"))
+    training = [m["tokens_per_second"] for m in lines if isinstance(m.get("tokens_per_second"), (int, float))]
+    speed = [f"{sum(training) / len(training):,.0f} tokens/s while training (mean of the logged windows)"] if training else []
+    if tokens and wall:
+        speed.append(f"{tokens / wall:,.0f} tokens/s over the whole run ({tokens:,} tokens, evaluations and loading included)")
+    rows = [
+        ("base model", f"<code>{html.escape(base)}</code>" + (f" ({BUILTIN_HUB_ID}, embedded)" if base == BUILTIN else "")
+         + (" (LoRA r={r}, alpha={alpha})".format(**config["lora"]) if config.get("lora", {}).get("enabled") else " (full fine-tuning)" if config else "")
+         + (", 4-bit" if model.get("load_in_4bit") else "")),
+        ("data", ", ".join(f"<code>{html.escape(str(s))}</code>" + (" (orpo's generated preference tasks)" if s == BUILTIN else "") for s in sources)
+         + f": {data.get('train_pairs', '?')} training pairs, {data.get('eval_pairs', '?')} held-out pairs"),
+        ("dropped", html.escape(dropped_words(data.get("dropped", {})))),
+        ("steps", f"{summary.get('steps', '?')} of {summary.get('total_steps', '?')}"
+         + (f" ({summary['skipped_steps']} skipped: not finite)" if summary.get("skipped_steps") else "")),
+        ("wall time", duration(wall) if isinstance(wall, (int, float)) else "?"),
+        ("throughput", "; ".join(speed) or "?"),
+        ("hardware", html.escape(str(summary.get("hardware", "?")))),
+        ("versions", html.escape(", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items()) or "?")),
+    ]
+    return "<table class='facts'>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/plots/*.png and RUN_DIR/report.html; returns the html path."""
     run_dir = Path(run_dir)
@@ -136,10 +200,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"<img alt='{stem}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
         for stem, path in plots.items()
     )
-    data = summary.get("data", {})
-    facts = (f"<p>{data.get('train_pairs', '?')} training pairs, {data.get('eval_pairs', '?')} held-out pairs, "
-             f"{summary.get('steps', '?')} of {summary.get('total_steps', '?')} steps; dropped: "
-             f"{html.escape(json.dumps(data.get('dropped', {})))}</p>")
+    facts = header_html(summary, config, read_metrics(run_dir))
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ORPO run {html.escape(run_dir.name)}</title>"
         f"<style>{STYLE}</style></head><body><h1>ORPO run: {html.escape(str(run_dir))}</h1>{facts}"

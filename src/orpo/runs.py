@@ -22,7 +22,7 @@ import torch
 
 from .config import Config, load_config
 from .data import prompt_ids
-from .model import DTYPES, load_base, load_tokenizer, looks_local, weights_dtype
+from .model import DTYPES, load_base, load_tokenizer, loading_bars, looks_local, weights_dtype
 
 MERGED_CONFIG = "orpo_config.yaml"  # the run's config, copied into a merged model folder
 REMOTE_CODE = "model.trust_remote_code"
@@ -100,6 +100,7 @@ def load(target: Target, dtype: str | None = None, quantized: bool = True):
         tokenizer, new_ids = load_tokenizer(config)
         torch_dtype = DTYPES[dtype] if dtype else weights_dtype(config)
         if target.kind == "run" and not target.is_adapter:  # full fine-tuning: final/ is the whole model
+            loading_bars()
             model = AutoModelForCausalLM.from_pretrained(target.final_dir, dtype=torch_dtype, trust_remote_code=trust)
             return _ready(model, tokenizer), tokenizer
         model = load_base(config, tokenizer, new_ids, dtype=torch_dtype, quantized=quantized)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,8 @@ def read_rows(path: str, name: str | None = None, split: str = "train"):
             raise DataError(f"{local}: could not be read as {kind}: {_reason(exc)}") from None
     if local.is_dir():
         if (local / "dataset_info.json").exists() or (local / "state.json").exists():
-            loaded = datasets.load_from_disk(str(local))
+            with quiet_datasets():
+                loaded = datasets.load_from_disk(str(local))
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         return _read_folder(local)
     if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_KINDS)) or path.endswith(".gz"):
@@ -139,6 +142,22 @@ def read_rows(path: str, name: str | None = None, split: str = "train"):
     from .hub_read import load_hub_dataset
 
     return load_hub_dataset(path, name, split)
+
+
+@contextmanager
+def quiet_datasets():
+    """datasets' own bars (saving and loading Arrow files) off unless -v; orpo's (tokenizing, dropping) stay."""
+    import datasets
+    from datasets.utils.tqdm import are_progress_bars_disabled
+
+    if logging.getLogger("orpo").isEnabledFor(logging.DEBUG) or are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 def _json_records(local: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import engine
 from .attention import use_split
+from .card import framework_versions, write_card
 from .checkpoint import (
     NonFiniteError,
     Procs,
@@ -127,10 +129,22 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
     return metrics
 
 
+def hardware(accelerator) -> str:
+    """'2 x NVIDIA H100 80GB HBM3 (FSDP)' or '2 CPU processes on 16 cores (MULTI_CPU)', for the report."""
+    engine_name = str(accelerator.distributed_type).split(".")[-1]
+    n = accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        what = f"{n} x {torch.cuda.get_device_name(accelerator.device)}"
+    else:
+        what = f"{n} {accelerator.device.type.upper()} process{'es' if n > 1 else ''} on {os.cpu_count()} cores, {torch.get_num_threads()} threads each"
+    return what + (f" ({engine_name})" if n > 1 else "")
+
+
 def train(config: Config) -> dict:
     """Run one ORPO training job described by `config`; returns the summary written to summary.json."""
     from accelerate.utils import set_seed
 
+    started = time.perf_counter()
     check_trackers(config)
     out = Path(config.output_dir)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
@@ -196,6 +210,7 @@ def train(config: Config) -> dict:
     kernel = causal_lm(model).config._attn_implementation
     log.info("layout: %s (%s; attention %s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch", kernel)
     stream = micro_batch_stream(sampler, train_ds, state.micro_batches)
+    tokens_at_start = state.tokens
     spare = layout.batches([[train_ds[0]]])[0].to(accelerator.device)  # for zero-weight passes (engine.passes)
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
@@ -239,7 +254,7 @@ def train(config: Config) -> dict:
         window_tokens, window_steps = window_tokens + step_tokens, window_steps + 1
         bar.update(1)
 
-        logged = state.step % config.logging_steps == 0 or state.step == total_steps
+        logged = state.step % config.logging_steps == 0 or state.step in (1, total_steps)  # step 1: the warm-up's start
         if logged:
             elapsed = time.perf_counter() - window_start
             all_tokens = float(accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), reduction="sum"))
@@ -270,6 +285,7 @@ def train(config: Config) -> dict:
     if eval_ds is not None:
         summary["after"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "after")
         metrics_log.write(state.step, {f"eval_{k}": v for k, v in summary["after"].items() if k != "samples"})
+    tokens = int(accelerator.reduce(torch.tensor(float(state.tokens - tokens_at_start), device=accelerator.device), reduction="sum"))
     accelerator.wait_for_everyone()
     gathered = engine.full_state(model, accelerator, trained_only=config.lora.enabled)  # sharded weights: whole on main
     if main:
@@ -277,8 +293,13 @@ def train(config: Config) -> dict:
         summary["final_model"] = str(save_final(accelerator.unwrap_model(model), tokenizer, out / "final", gathered))
         summary["steps"] = state.step
         summary["skipped_steps"] = state.skipped_steps
+        summary["tokens"] = tokens  # this run's tokens (a resumed run: since it resumed), over every process
+        summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+        summary["hardware"] = hardware(accelerator)
+        summary["versions"] = framework_versions()
         dump_json(summary, out / "summary.json")
         write_report(out)  # report.html + plots/*.png from metrics.jsonl and summary.json
+        write_card(out / "final")  # final/README.md: the model card `orpo push` uploads
     metrics_log.close()
     if config.report_to:
         accelerator.end_training()
