@@ -87,3 +87,15 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     assert len(images) == len(list((report_run / "plots").glob("*.png"))) == len(PLOTS)
     for image in images:
         assert image["complete"] and image["natural"] > 0 and image["width"] > 100 and image["height"] > 50 and image["shown"], image
+
+
+def test_a_torn_last_metrics_line_is_left_out(tmp_path):
+    """A run killed while writing metrics.jsonl and never resumed still gets its report; a broken line elsewhere
+    is an error naming the line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    whole = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("\n".join(whole) + '\n{"step": 3, "lo')
+    assert main(["report", str(run)]) == 0 and (run / "plots" / "loss.png").is_file()
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo\n' + "\n".join(whole) + "\n")
+    assert main(["report", str(run)]) == 1

@@ -41,10 +41,20 @@ REASONS = {
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's lines. A last line cut short (a run killed while writing it, never resumed) is left out;
+    a broken line anywhere else is an error."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    found = []
+    for number, line in enumerate(lines, 1):
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON") from None
+    return found
 
 
 def series(lines: list[dict], key: str) -> tuple[list[int], list[float]]:
