@@ -262,6 +262,18 @@ def load_plain(path: Path):
                          "(unpickling them could run code). Was this checkpoint written by orpo?") from exc
 
 
+def copy_weights(model, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Saved tensors into the model's parameters of the same names (into this process's shards when sharded)."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"{path}: checkpoint weights do not match this model (e.g. {unknown[:3]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            target = _local(params[name])
+            target.copy_(tensor.to(target.device, target.dtype))
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, procs: Procs | None = None) -> TrainState:
     """Restore everything save_checkpoint wrote; returns the loop position. Sharded weights and optimizer state
     come back only into as many processes as wrote them."""
@@ -282,19 +294,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, procs: Procs | None
     if not sharded and procs.sharded:
         raise ConfigError(f"{path} was written without sharding: resume it without FSDP2 / ZeRO-3 (DDP or one process)")
     if sharded:
-        from .engine import load_local_state
+        from .engine import load_local_optimizer
 
-        weights = load_file(str(path / f"trainable-{procs.rank}.safetensors"))
-        load_local_state(model, optimizer, weights, load_plain(path / f"optimizer-{procs.rank}.pt"))
+        copy_weights(model, load_file(str(path / f"trainable-{procs.rank}.safetensors")), path)
+        load_local_optimizer(optimizer, load_plain(path / f"optimizer-{procs.rank}.pt"))
     else:
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise ValueError(f"{path}: checkpoint weights do not match this model (e.g. {unknown[:3]})")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        copy_weights(model, load_file(str(path / "trainable.safetensors")), path)
         optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
     scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
     rng = path / f"rng-{procs.rank}.pt"

@@ -9,7 +9,7 @@ configs/accelerate/*.yaml`, or `torchrun` for DDP); the loop asks this module th
   every pass gathers the weights from all processes;
 - the whole trained weights, gathered onto the main process for `final/` (`full_state`);
 - each process's own shards of the trained weights and optimizer state, for checkpoints (`local_state`,
-  `load_local_state`; DeepSpeed writes its own, through Accelerate's save_state);
+  `load_local_optimizer`; DeepSpeed writes its own, through Accelerate's save_state);
 - DeepSpeed takes the optimizer step inside the last backward of a step (`backward`), and ZeRO-3 gathers each
   module's weights only for that module's forward, so the fused layers, which read their children's weights,
   stay off there (`fusable`).
@@ -160,15 +160,8 @@ def local_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, optim
 
 
-def load_local_state(model, optimizer, weights: dict[str, torch.Tensor], optim: dict) -> None:
-    """Put back what `local_state` returned into a model and optimizer sharded the same way."""
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"checkpoint shards do not match this model (e.g. {unknown[:3]})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            _local(params[name]).copy_(tensor)
+def load_local_optimizer(optimizer, optim: dict) -> None:
+    """Put back the optimizer state `local_state` returned into an optimizer sharded the same way."""
     by_index = [p for group in optimizer.param_groups for p in group["params"]]
     for key, state in optim["state"].items():
         param = by_index[int(key)]

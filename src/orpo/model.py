@@ -176,9 +176,11 @@ def new_token_rows(model, new_token_ids: list[int]) -> dict[str, list[int]]:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, all) parameters; whole counts also for weights ZeRO-3 partitioned at loading (ds_numel)."""
+    def size(p) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    return sum(size(p) for p in model.parameters() if p.requires_grad), sum(size(p) for p in model.parameters())
 
 
 def save_final(model, tokenizer, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:

@@ -176,7 +176,7 @@ def train(config: Config) -> dict:
     if config.layout == "packed":
         check_packed(model)  # a model the packed layout cannot serve stops here, before any work
     trainable, total = count_parameters(model)
-    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
     sampler = PairSampler(len(train_ds), config.per_device_train_batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
     per_epoch = sampler.batches_per_epoch()  # micro-batches
