@@ -233,3 +233,28 @@ def test_the_two_node_command_on_one_machine(chat_model_dir, pairs_file, tmp_pat
     assert_same_run(metrics(one), metrics(two))
     assert max_difference(adapter(one), adapter(two)) <= 1e-6
     assert sum(out.count("preference accuracy") for out, _ in results) <= 1 and (two / "summary.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config,layout", [("ddp.yaml", "packed"), ("fsdp2-lora.yaml", "packed"), ("zero2.yaml", "packed"),
+                                           ("zero3.yaml", "plain")])
+def test_each_engine_on_the_gpus_trains_what_one_process_does(chat_model_dir, pairs_file, tmp_path, config, layout):
+    """On a CUDA machine (`./run.sh test -m gpu tests/test_distributed.py`; DeepSpeed needs `pip install deepspeed`):
+    each engine over all of the machine's GPUs (one is enough to run its code path) against one process with the
+    same global batch, fp32, with a checkpoint at step 2: every logged metric and final weight within 1e-5."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if config.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    gpus = torch.cuda.device_count()
+    common = {"max_steps": 4, "gradient_accumulation_steps": 2, "lora.dropout": 0.0, "layout": layout, "bf16": "false",
+              "save_steps": 2, "eval_steps": 0.5}
+    one, many = tmp_path / "one", tmp_path / "many"
+    single = launch(1, ["train", *overrides(chat_model_dir, pairs_file, one, per_device_train_batch_size=2 * gpus, **common)])
+    assert single.returncode == 0, single.stderr[-3000:]
+    spread = launch(gpus, ["train", *overrides(chat_model_dir, pairs_file, many, per_device_train_batch_size=2, **common)], config=config)
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    assert_same_run(metrics(one), metrics(many), tol=1e-5)
+    worst = max_difference(final_weights(one), final_weights(many))
+    print(f"{config} on {gpus} GPU(s): max |final weight difference| {worst:.3g}")
+    assert worst <= 1e-5
