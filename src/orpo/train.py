@@ -45,7 +45,7 @@ from .logps import causal_lm, check_packed, forward_logps
 from .loss import Norm, add_stats, finish_metrics, orpo_loss
 from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
-from .report import write_report
+from .report import dropped_words, write_report
 from .tracking import MetricsLog, check_trackers, dump_json, flat_params
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,9 @@ def train(config: Config) -> dict:
     with accelerator.local_main_process_first():  # one process per node tokenizes (and fills caches), then the rest read
         tokenizer, new_token_ids = load_tokenizer(config)
         train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer)  # refuses data with errors
-    log.info("data: %s", report.as_dict())
+    read = ", ".join(f"{count:,} rows from {name}" for name, count in report.read.items())
+    log.info("data: %s training pairs, %s held-out pairs (%s); dropped: %s", f"{report.train_rows:,}", f"{report.eval_rows:,}",
+             read, dropped_words(report.dropped))
     if main:  # the first write into output_dir: the config and data have passed every check
         prepare_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)
         save_config(config, out / "config.yaml")
