@@ -15,7 +15,7 @@ from .config import load_config
 from .data import load_pairs, to_messages
 from .evaluate import HELD_OUT_ROWS, format_metric, generate_replies
 from .runs import Target, load, resolve
-from .tracking import dump_json, finite_json
+from .tracking import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,13 @@ def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | N
         targets.insert(0, resolve(compare, like=target.config))  # a base model is measured on the same split
     names = [t.spec for t in targets]
     results = [evaluate_target(t, samples, generate, harness) for t in targets]
-    if json_out:
-        dump_json(dict(zip(names, results, strict=True)), Path(json_out))
-    if as_json:
-        print(json.dumps(finite_json(dict(zip(names, results, strict=True))), indent=2, allow_nan=False))
-        return 0
+    if json_out or as_json:
+        text = strict_json(dict(zip(names, results, strict=True)))
+        if json_out:
+            Path(json_out).write_text(text)
+        if as_json:
+            print(text)
+            return 0
     print("\n" + table(names, results))
     if harness:
         print("\n" + harness_table(names, results))

@@ -93,13 +93,14 @@ def base_license(config: Config) -> str | None:
     if config.model.name_or_path == BUILTIN:
         return BUILTIN_LICENSE
     card = Path(config.model.name_or_path).expanduser() / "README.md"
-    if card.is_file() and card.read_text(errors="replace").startswith("---"):
-        try:
-            front = yaml.safe_load(card.read_text(errors="replace").split("---")[1]) or {}
-        except yaml.YAMLError:
-            return None
-        return str(front["license"]) if isinstance(front, dict) and front.get("license") else None
-    return None
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    if not text.startswith("---"):
+        return None
+    try:
+        front = yaml.safe_load(text.split("---")[1]) or {}
+    except yaml.YAMLError:
+        return None
+    return str(front["license"]) if isinstance(front, dict) and front.get("license") else None
 
 
 def data_sources(config: Config) -> tuple[list[str], list[str]]:
@@ -155,6 +156,7 @@ def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: lis
     if plots:
         lines += ["## Training curves", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     source = load_from or repo
+    versions = summary.get("versions") or framework_versions()  # those it was trained with, where the run recorded them
     lines += ["## How to load", "", "```python"]
     if kind == "adapter":
         lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
@@ -167,7 +169,7 @@ def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: lis
               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))", "```", "",
               "The chat template is saved with the tokenizer; generation stops at its end-of-turn token.", "",
-              "## Framework versions", ""] + [f"- {name}: {v}" for name, v in framework_versions().items()] + [
+              "## Framework versions", ""] + [f"- {name}: {v}" for name, v in versions.items()] + [
               "", "## Citation", "", "ORPO (Hong, Lee & Thorne 2024, arXiv:2403.07691):", "", "```bibtex", CITATION, "```", "",
               "## Training config", "", "<details><summary>config.yaml</summary>", "", "```yaml",
               yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False).strip(), "```", "", "</details>", ""]
@@ -215,6 +217,6 @@ def stage(folder: str | Path, repo: str, out: str | Path) -> list[Path]:
     summary, metrics = _results(run)
     plots = []
     if metrics:  # drawn straight into the upload folder: nothing is written into the run
-        plots = [f"plots/{stem}.png" for stem in write_plots(run, out / "plots")]
+        plots = [f"plots/{stem}.png" for stem in write_plots(run, out / "plots", metrics)]
     (out / "README.md").write_text(model_card(repo, config, kind, summary, metrics, plots))
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())

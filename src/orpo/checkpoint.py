@@ -72,13 +72,13 @@ class NonFiniteError(ValueError):
     """A non-finite loss, gradient or weight: training stops, nothing non-finite is saved."""
 
 
-def check_finite(model, what: str, local: bool = False, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Refuse to save `what` if any trainable weight is NaN or inf: the model's own (`local`: this process's
-    shards of them), or those of `state` (weights gathered from shards) when given."""
+def check_finite(model, what: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse to save `what` if any trainable weight is NaN or inf: the model's own (this process's shards of them
+    when sharded), or those of `state` (weights gathered from shards) when given."""
     if state is not None:
         bad = [n for n, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     else:
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(_local(p) if local else p).all())]
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(_local(p)).all())]
     if bad:
         raise NonFiniteError(f"not saving {what}: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]})")
 
@@ -88,7 +88,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors (this process's shards of them when sharded), on the CPU."""
+    return {n: _local(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state() -> dict:
@@ -147,20 +148,17 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainStat
     and with sharded weights its shards of the trained weights and optimizer state; the main process the rest."""
     procs = procs or Procs()
     final = out_dir / f"{PREFIX}{state.step}"
-    if procs.sharded and procs.save_state is None:
-        check_finite(model, final.name, local=True)
-    elif procs.main and procs.save_state is None:
+    if procs.save_state is None and (procs.sharded or procs.main):  # each its own shards, or the main its copy
         check_finite(model, final.name)
     with atomic_folder(final, procs.main, procs.barrier) as tmp:
         torch.save(_rng_state(), tmp / f"rng-{procs.rank}.pt")
         if procs.save_state is not None:
             procs.save_state(tmp / "engine")
         elif procs.sharded:
-            from .engine import local_state
+            from .engine import local_optimizer_state
 
-            weights, optim = local_state(model, optimizer)
-            save_file(weights, str(tmp / f"trainable-{procs.rank}.safetensors"))
-            torch.save(optim, tmp / f"optimizer-{procs.rank}.pt")
+            save_file(trainable_state(model), str(tmp / f"trainable-{procs.rank}.safetensors"))
+            torch.save(local_optimizer_state(optimizer), tmp / f"optimizer-{procs.rank}.pt")
         elif procs.main:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

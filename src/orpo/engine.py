@@ -8,7 +8,7 @@ configs/accelerate/*.yaml`, or `torchrun` for DDP); the loop asks this module th
   without pairs still joins the gradient all-reduce; with sharded weights as many as the busiest process, because
   every pass gathers the weights from all processes;
 - the whole trained weights, gathered onto the main process for `final/` (`full_state`);
-- each process's own shards of the trained weights and optimizer state, for checkpoints (`local_state`,
+- each process's own shards of the optimizer state, for checkpoints (`local_optimizer_state`,
   `load_local_optimizer`; DeepSpeed writes its own, through Accelerate's save_state);
 - DeepSpeed takes the optimizer step inside the last backward of a step (`backward`), and ZeRO-3 gathers each
   module's weights only for that module's forward, so the fused layers, which read their children's weights,
@@ -152,16 +152,15 @@ def full_state(model, accelerator, trained_only: bool) -> dict[str, torch.Tensor
     return state if accelerator.is_main_process else None
 
 
-def local_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """This process's shards of the trainable weights and of the optimizer state, as plain tensors."""
-    weights = {n: _local(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def local_optimizer_state(optimizer) -> dict:
+    """This process's shards of the optimizer state, as plain tensors (its weights: checkpoint.trainable_state)."""
     optim = optimizer.state_dict()
     optim["state"] = {k: {n: _local(v) for n, v in s.items()} for k, s in optim["state"].items()}
-    return weights, optim
+    return optim
 
 
 def load_local_optimizer(optimizer, optim: dict) -> None:
-    """Put back the optimizer state `local_state` returned into an optimizer sharded the same way."""
+    """Put back the optimizer state `local_optimizer_state` returned into an optimizer sharded the same way."""
     by_index = [p for group in optimizer.param_groups for p in group["params"]]
     for key, state in optim["state"].items():
         param = by_index[int(key)]

@@ -73,7 +73,8 @@ def preference_metrics(
         records.sort(key=pair_length)
     groups = [records[start : start + batch_size] for start in range(0, len(records), batch_size)]
     own = sum(layout.passes([g]) for g in groups)
-    idle, spare = passes(own) - own, layout.batches([[dataset[0]]])[0]
+    idle = passes(own) - own
+    spare = layout.batches([[dataset[0]]])[0] if idle else None  # the pair of the zero-weight passes
     total = None
     with tqdm(total=len(records), desc="eval", unit="pair", leave=False, disable=not show_progress) as bar:
         for group in [*groups, *[None] * idle]:

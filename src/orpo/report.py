@@ -93,9 +93,10 @@ def plot(lines: list[dict], title: str, keys: list[str], ylabel: str = "") -> by
     return buf.getvalue()
 
 
-def write_plots(run_dir: Path, out: Path | None = None) -> dict[str, Path]:
-    """PNG per plot under `out` (default RUN_DIR/plots/); returns {stem: path} of those with data."""
-    lines = read_metrics(run_dir)
+def write_plots(run_dir: Path, out: Path | None = None, lines: list[dict] | None = None) -> dict[str, Path]:
+    """PNG per plot under `out` (default RUN_DIR/plots/) from `lines` (default: RUN_DIR's metrics.jsonl);
+    returns {stem: path} of those with data."""
+    lines = read_metrics(run_dir) if lines is None else lines
     out = run_dir / "plots" if out is None else out
     written = {}
     for stem, title, ylabel, keys in PLOTS:
@@ -205,12 +206,13 @@ def write_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir} is not a run folder (no metrics.jsonl or summary.json)")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-    plots = write_plots(run_dir)
+    lines = read_metrics(run_dir)
+    plots = write_plots(run_dir, lines=lines)
     images = "".join(
         f"<img alt='{stem}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
         for stem, path in plots.items()
     )
-    facts = header_html(summary, config, read_metrics(run_dir))
+    facts = header_html(summary, config, lines)
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ORPO run {html.escape(run_dir.name)}</title>"
         f"<style>{STYLE}</style></head><body><h1>ORPO run: {html.escape(str(run_dir))}</h1>{facts}"

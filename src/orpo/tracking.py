@@ -32,9 +32,13 @@ def finite_json(value):
     return value
 
 
+def strict_json(value) -> str:
+    """Strict JSON (no NaN/Infinity tokens: non-finite floats become null), indented."""
+    return json.dumps(finite_json(value), indent=2, allow_nan=False)
+
+
 def dump_json(value, path: Path) -> None:
-    """Strict JSON (no NaN/Infinity tokens), indented."""
-    path.write_text(json.dumps(finite_json(value), indent=2, allow_nan=False))
+    path.write_text(strict_json(value))
 
 
 def _step(line: str) -> int | None:
