@@ -48,7 +48,7 @@ def run_orpo(rows, tokenizer, num_proc: int, max_length: int, max_prompt_length:
     import datasets
 
     from orpo.config import load_config
-    from orpo.data import DataReport, finish, token_spec, tokenize_rows
+    from orpo.data.pairs import DataReport, finish, token_spec, tokenize_rows
 
     config = load_config(None, [f"max_length={max_length}", f"max_prompt_length={max_prompt_length}"])
     dataset = datasets.Dataset.from_list(rows)
@@ -89,7 +89,7 @@ def main() -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from orpo.builtin.model import builtin_model_dir
+    from orpo.model.builtin import builtin_model_dir
 
     datasets.disable_progress_bars()
     datasets.disable_caching()  # both sides tokenize from scratch

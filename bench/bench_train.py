@@ -13,7 +13,7 @@ Scenarios (fp32, no gradient checkpointing, beta 0.1, AdamW lr 1e-5, clip 1.0):
   D       SmolLM2 LoRA as A on the shared hh-rlhf pairs (real multi-turn lengths, tokenized by orpo's pipeline
           with SmolLM2's chat template), max_prompt_length 256; needs ../shared/data
 
-Every system gets the same token ids in the same step order: orpo through its own loop (`orpo.train.train`,
+Every system gets the same token ids in the same step order: orpo through its own loop (`orpo.train.loop.train`,
 with the data step replaced by the scenario's pairs), TRL through `ORPOTrainer.train()` (its dataset replaced
 by the same ids in its own format, read in order). A step's time runs from the end of the previous optimizer
 step to the end of this one (data, forward, backward, clipping, optimizer); the first `--warmup` steps are
@@ -104,7 +104,7 @@ def random_llama_dir(cache: Path, shape: str) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from orpo.builtin.model import builtin_model_dir
+    from orpo.model.builtin import builtin_model_dir
 
     torch.manual_seed(0)
     dtype = torch.float32 if shape == "llama3-vocab" else torch.bfloat16
@@ -132,8 +132,8 @@ def random_pairs(s: Scenario, n: int, vocab: int, seed: int) -> list[dict]:
 def hh_rlhf_pairs(s: Scenario, n: int) -> list[dict]:
     """The shared hh-rlhf pairs through orpo's own pipeline (format detection, chat template, truncation)."""
     from orpo.config import load_config
-    from orpo.data import load_pairs
-    from orpo.model import load_tokenizer
+    from orpo.data.pairs import load_pairs
+    from orpo.model.load import load_tokenizer
 
     config = load_config(None, [f"data.path={HH_RLHF}", "data.test_size=0", "eval_steps=null", "eval_on_start=false",
                                 f"max_length={s.max_length}", f"max_prompt_length={s.max_prompt_length}", "data.cache=false"])
@@ -154,9 +154,9 @@ def orpo_worker(s: Scenario, layout: str, source: str, pairs: list[dict], steps:
     import datasets
     import torch
 
-    import orpo.train as loop
+    import orpo.train.loop as loop
     from orpo.config import load_config
-    from orpo.sources import DataReport
+    from orpo.data.sources import DataReport
 
     n = len(pairs)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()  # PairSampler's epoch-0 order
@@ -188,7 +188,7 @@ def trl_worker(s: Scenario, source: str, pairs: list[dict], steps: int, out: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from orpo.builtin.model import builtin_model_dir
+    from orpo.model.builtin import builtin_model_dir
 
     path = str(builtin_model_dir()) if source == "builtin" else source
     tokenizer = AutoTokenizer.from_pretrained(path)

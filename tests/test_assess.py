@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_overrides
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.train import train
+from orpo.train.loop import train
 
 
 @pytest.fixture(scope="module")

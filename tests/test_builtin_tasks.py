@@ -1,10 +1,10 @@
-"""Tests for the demo's synthetic preference set (`orpo.builtin.tasks`); no model is loaded."""
+"""Tests for the demo's synthetic preference set (`orpo.data.builtin_tasks`); no model is loaded."""
 
 from collections import Counter
 
 import pytest
 
-from orpo.builtin import tasks
+from orpo.data import builtin_tasks as tasks
 
 KEYS = {"id", "family", "prompt", "chosen", "rejected", "answer"}
 

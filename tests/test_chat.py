@@ -13,7 +13,7 @@ def test_one_shot_prompt_streams_an_answer(chat_model_dir, capsys):
 
 
 def test_interactive_loop_keeps_history_and_resets(chat_model_dir, capsys, monkeypatch):
-    from orpo import chat
+    from orpo.after import chat
 
     seen = []
     real = chat.reply
@@ -35,7 +35,7 @@ def test_chat_with_a_run_folder_uses_its_adapter(tmp_path, chat_model_dir, pairs
 
     out = tmp_path / "run"
     assert main(["train", *tiny_overrides(chat_model_dir, pairs_file, out, max_steps=1, eval_on_start="false", eval_steps="null")]) == 0
-    from orpo.runs import load, resolve
+    from orpo.after.runs import load, resolve
 
     model, _ = load(resolve(str(out)))
     assert type(model).__name__.startswith("Peft")
@@ -72,11 +72,11 @@ def test_every_prompt_path_feeds_the_ids_training_used(tmp_path):
     from transformers import AutoTokenizer
 
     from conftest import make_model_dir
-    from orpo.chat import reply
+    from orpo.after.chat import reply
     from orpo.config import load_config
-    from orpo.data import token_spec, tokenize_batch
-    from orpo.evaluate import generate_replies
-    from orpo.model import load_tokenizer
+    from orpo.data.pairs import token_spec, tokenize_batch
+    from orpo.model.load import load_tokenizer
+    from orpo.train.heldout import generate_replies
 
     folder = make_model_dir(tmp_path / "bos_model", chat=False)
     tok = AutoTokenizer.from_pretrained(folder)

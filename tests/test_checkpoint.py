@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides as overrides
-from orpo.checkpoint import load_plain
 from orpo.cli import main
+from orpo.train.checkpoint import load_plain
 
 
 class RunsCode:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import CHATML, PAIRS, make_tokenizer, write_jsonl
 from orpo.config import load_config
-from orpo.data import (
+from orpo.data.pairs import (
     DataError,
     PairSampler,
     TokenSpec,
@@ -23,7 +23,7 @@ from orpo.data import (
     tokenize_batch,
     tokenize_pair,
 )
-from orpo.loss import IGNORE
+from orpo.train.loss import IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +333,7 @@ def test_broken_csv_quoting_and_null_fields_are_named(tmp_path):
     bad.write_text('prompt,chosen,rejected\n"Add 2 and 3.","5","6"\n"Hello,"fine,"bad\n')
     with pytest.raises(DataError, match=r"pairs.csv: could not be read as csv: a quoted field is never closed"):
         read_rows(str(bad))
-    from orpo.formats import canonical
+    from orpo.data.formats import canonical
 
     with pytest.raises(DataError, match="line 2: field 'chosen' is null"):
         canonical({"prompt": "Hi", "chosen": None, "rejected": "x"}, "auto", "pairs.jsonl line 2")

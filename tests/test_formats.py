@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from conftest import PAIRS, write_jsonl
 from orpo.config import load_config
-from orpo.formats import DataError, canonical, detect_format
-from orpo.sources import DataReport, build_rows
+from orpo.data.formats import DataError, canonical, detect_format
+from orpo.data.sources import DataReport, build_rows
 
 U = {"role": "user", "content": "Add 2 and 3."}
 A5 = {"role": "assistant", "content": "The answer is 5."}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from orpo.gated_mlp import GatedProduct, fuse_gated_mlps
-from orpo.lora_dropout import fuse_lora_dropout
+from orpo.model.fast.gated_mlp import GatedProduct, fuse_gated_mlps
+from orpo.model.fast.lora_dropout import fuse_lora_dropout
 from test_attention import tiny_model
 
 
@@ -79,7 +79,7 @@ def test_mlps_with_another_expression_are_left_alone():
 
 def test_training_loads_models_with_fused_mlps(chat_model_dir):
     from orpo.config import load_config
-    from orpo.model import load_model, load_tokenizer
+    from orpo.model.load import load_model, load_tokenizer
 
     config = load_config(None, [f"model.name_or_path={chat_model_dir}", "lora.dropout=0.05"])
     tokenizer, new = load_tokenizer(config)

@@ -52,7 +52,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
-    assert {"orpo.train", "orpo.card", "orpo.hub_read", "orpo.upload"} <= set(graph)
+    assert {"orpo.train.loop", "orpo.after.card", "orpo.data.hub", "orpo.after.push"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -63,8 +63,8 @@ def test_the_cycle_finder_finds_one():
 
 def test_network_code_is_split_by_direction():
     graph = import_graph()
-    assert graph["orpo.hub_read"] == set()  # reading needs nothing of orpo
-    assert graph["orpo.upload"] <= {"orpo.card"}  # uploading stages through the card, nothing else
-    readers = {m for m, deps in graph.items() if "orpo.hub_read" in deps}
-    assert readers == {"orpo.sources"}
-    assert {m for m, deps in graph.items() if "orpo.upload" in deps} == {"orpo.cli"}
+    assert graph["orpo.data.hub"] == set()  # reading needs nothing of orpo
+    assert graph["orpo.after.push"] <= {"orpo.after.card"}  # uploading stages through the card, nothing else
+    readers = {m for m, deps in graph.items() if "orpo.data.hub" in deps}
+    assert readers == {"orpo.data.sources"}
+    assert {m for m, deps in graph.items() if "orpo.after.push" in deps} == {"orpo.cli"}

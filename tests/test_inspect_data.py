@@ -10,9 +10,9 @@ import pytest
 from conftest import PAIRS, SHARED, make_tokenizer, write_jsonl
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.data import prepare
-from orpo.formats import DataError
-from orpo.inspect_data import diagnose, load_checked
+from orpo.data.doctor import diagnose, load_checked
+from orpo.data.formats import DataError
+from orpo.data.pairs import prepare
 
 HH = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 ORCA = SHARED / "data" / "orca-dpo-pairs-validation.jsonl"
@@ -89,7 +89,7 @@ def test_rendered_examples_mark_scored_tokens(tok, tmp_path):
 
 
 def test_second_run_reads_the_tokenized_cache(tok, tmp_path, monkeypatch):
-    import orpo.data as data
+    import orpo.data.pairs as data
 
     path = write_jsonl(tmp_path / "d.jsonl", CLEAN)
     first = inspect(tok, path, tmp_path)
@@ -138,7 +138,7 @@ def test_orca_openai_format_inspect_counts(tok, tmp_path):
 
 @pytest.mark.skipif(not (HH.exists() and ORCA.exists()), reason="shared data not present")
 def test_real_data_mixture_trains_a_few_steps(chat_model_dir, tmp_path):
-    from orpo.train import train
+    from orpo.train.loop import train
 
     mixture = f"[{{path: {HH}, num_samples: 24, max_length: 200}}, {{path: {ORCA}, num_samples: 12}}]"
     overrides = [f"model.name_or_path={chat_model_dir}", f"data.mixture={mixture}", "data.test_size=4", f"output_dir={tmp_path / 'run'}",

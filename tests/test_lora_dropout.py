@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from orpo.config import load_config
-from orpo.lora_dropout import (
+from orpo.model.fast.lora_dropout import (
     DropoutLinear,
     _DropoutLinear,
     effective_p,
@@ -19,7 +19,7 @@ from orpo.lora_dropout import (
     pack_mask,
     unpack_mask,
 )
-from orpo.model import load_model, load_tokenizer
+from orpo.model.load import load_model, load_tokenizer
 
 
 def test_fused_layer_equals_dropout_then_linear_for_its_mask():

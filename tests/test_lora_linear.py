@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orpo.gated_mlp import fuse_gated_mlps
-from orpo.lora_dropout import fuse_lora_dropout
-from orpo.lora_linear import FusedLoraLinear, fuse_lora_linears
+from orpo.model.fast.gated_mlp import fuse_gated_mlps
+from orpo.model.fast.lora_dropout import fuse_lora_dropout
+from orpo.model.fast.lora_linear import FusedLoraLinear, fuse_lora_linears
 from test_attention import tiny_model
 
 
@@ -58,7 +58,7 @@ def test_a_base_bias_and_fp32_also_match():
 
 
 def test_the_fused_path_runs_and_other_calls_take_peft(monkeypatch):
-    import orpo.lora_linear as fused_module
+    import orpo.model.fast.lora_linear as fused_module
 
     calls = []
     real = fused_module._LoraLinear.apply
@@ -87,7 +87,7 @@ def test_the_fused_path_runs_and_other_calls_take_peft(monkeypatch):
 
 def test_training_loads_models_with_fused_lora_layers(chat_model_dir):
     from orpo.config import load_config
-    from orpo.model import load_model, load_tokenizer
+    from orpo.model.load import load_model, load_tokenizer
 
     config = load_config(None, [f"model.name_or_path={chat_model_dir}", "lora.dropout=0.05"])
     tokenizer, new = load_tokenizer(config)

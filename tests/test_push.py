@@ -11,7 +11,7 @@ import yaml
 from conftest import PAIRS, tiny_overrides, write_jsonl
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.train import train
+from orpo.train.loop import train
 
 TOKEN = "hf_SECRETtokenDoNotLeak123"
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
@@ -131,7 +131,7 @@ def test_training_and_merging_write_the_push_card(tiny_run, tmp_path):
     """final/README.md after `orpo train` and README.md after `orpo merge` are orpo's card (not peft's empty template
     with a cache path): metadata, the paper cited, framework versions, curves that resolve, loading from the folder;
     the same text `orpo push` stages, but for the title and where it loads from."""
-    from orpo.card import stage
+    from orpo.after.card import stage
 
     readme = (tiny_run / "final" / "README.md").read_text()
     meta = front_matter(readme)
@@ -153,7 +153,7 @@ def test_training_and_merging_write_the_push_card(tiny_run, tmp_path):
 def test_card_metadata_names_hub_base_models_datasets_and_licenses(tmp_path):
     """The builtin base is SmolLM2 on the Hub (Apache 2.0); Hub datasets are listed, local ones described in words;
     `license` overrides; a local base folder's own card gives its license."""
-    from orpo.card import model_card
+    from orpo.after.card import model_card
 
     builtin = model_card("me/demo", load_config(None, []), "adapter", {}, [], [])
     meta = front_matter(builtin)

@@ -11,8 +11,8 @@ import subprocess
 import pytest
 
 from conftest import PAIRS, tiny_overrides, write_jsonl
+from orpo.after.report import PLOTS, write_report
 from orpo.cli import main
-from orpo.report import PLOTS, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 # Appended to a copy of report.html: after load, every image's state as JSON in <pre id='probe'>.
@@ -66,7 +66,7 @@ def test_report_of_a_non_run_fails(tmp_path):
 
 
 def test_drops_and_durations_in_words():
-    from orpo.report import dropped_words, duration
+    from orpo.after.report import dropped_words, duration
 
     assert dropped_words({}) == "none"
     assert dropped_words({"train/too_long": 3, "read/tie": 1}) == (

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from orpo.gated_mlp import REBUILD
-from orpo.rms_norm import fuse_rms_norms
+from orpo.model.fast.gated_mlp import REBUILD
+from orpo.model.fast.rms_norm import fuse_rms_norms
 from test_attention import tiny_model
 from test_gated_mlp import saved_bytes
 
@@ -95,17 +95,17 @@ def test_other_norms_are_left_alone():
     for kind in ("gemma", "olmo2"):
         model = tiny_model(kind, "sdpa")
         assert fuse_rms_norms(model) == 0
-        assert not any(type(m).__module__ == "orpo.rms_norm" for m in model.modules())
+        assert not any(type(m).__module__ == "orpo.model.fast.rms_norm" for m in model.modules())
 
 
 def test_training_loads_models_with_fused_norms(chat_model_dir):
     from orpo.config import load_config
-    from orpo.model import load_model, load_tokenizer
+    from orpo.model.load import load_model, load_tokenizer
 
     config = load_config(None, [f"model.name_or_path={chat_model_dir}"])
     tokenizer, new = load_tokenizer(config)
     model = load_model(config, tokenizer, new)
-    norms = [m for m in model.modules() if type(m).__module__ == "orpo.rms_norm"]
+    norms = [m for m in model.modules() if type(m).__module__ == "orpo.model.fast.rms_norm"]
     assert len(norms) == 2 * model.config.num_hidden_layers + 1
     assert fuse_rms_norms(model) == 0  # idempotent
 
@@ -124,8 +124,8 @@ def test_lora_layers_rebuild_the_norms_output(kind):
     read a norm's output keep none of it: two (tokens x hidden) fp32 tensors less per layer."""
     from peft import LoraConfig, get_peft_model
 
-    from orpo.lora_dropout import fuse_lora_dropout
-    from orpo.lora_linear import fuse_lora_linears
+    from orpo.model.fast.lora_dropout import fuse_lora_dropout
+    from orpo.model.fast.lora_linear import fuse_lora_linears
 
     ids = torch.randint(3, 96, (2, 11))
     results, kept = [], []

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from orpo.after.runs import MERGED_CONFIG
 from orpo.cli import main
 from orpo.config import load_config, save_config
-from orpo.runs import MERGED_CONFIG
 
 CONFIG_CODE = """import pathlib
 from transformers import LlamaConfig
@@ -65,7 +65,7 @@ def test_the_users_flag_allows_it(remote_code_folder, capsys):
 @pytest.fixture(scope="module")
 def finished_run(chat_model_dir, tmp_path_factory):
     from conftest import PAIRS, tiny_overrides, write_jsonl
-    from orpo.train import train
+    from orpo.train.loop import train
 
     tmp = tmp_path_factory.mktemp("finished")
     data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides as overrides
 from conftest import write_jsonl
-from orpo.checkpoint import list_checkpoints, resolve_checkpoint
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.optim import make_scheduler
-from orpo.train import train
+from orpo.train.checkpoint import list_checkpoints, resolve_checkpoint
+from orpo.train.loop import train
+from orpo.train.optim import make_scheduler
 
 TRAIN_KEYS = {
     "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
@@ -114,7 +114,7 @@ def test_packed_and_plain_runs_log_the_same_numbers(chat_model_dir, pairs_file, 
 def test_qlora_runs_a_few_steps(wide_model_dir, pairs_file, tmp_path):
     cfg = load_config(None, overrides(wide_model_dir, pairs_file, tmp_path / "q", max_steps=2, **{
         "model.load_in_4bit": "true", "model.bnb_4bit_compute_dtype": "float32", "optim": "paged_adamw_8bit"}))
-    from orpo.model import load_model, load_tokenizer
+    from orpo.model.load import load_model, load_tokenizer
 
     tokenizer, new = load_tokenizer(cfg)
     model = load_model(cfg, tokenizer, new)
@@ -142,7 +142,7 @@ def test_chatml_setup_on_a_base_model(base_model_dir, pairs_file, tmp_path):
     """No template: ChatML tokens are added, embeddings resized, and the new rows train and are saved."""
     out = tmp_path / "chatml"
     cfg = load_config(None, overrides(base_model_dir, pairs_file, out, max_steps=2, learning_rate=0.05))
-    from orpo.model import load_model, load_tokenizer
+    from orpo.model.load import load_model, load_tokenizer
 
     tokenizer, new_ids = load_tokenizer(cfg)
     assert len(new_ids) == 2 and tokenizer.convert_ids_to_tokens(new_ids) == ["<|im_start|>", "<|im_end|>"]
@@ -224,7 +224,7 @@ def test_tensorboard_tracker_gets_the_metrics(chat_model_dir, pairs_file, tmp_pa
 
 def test_separate_eval_file_and_own_template_requirement(chat_model_dir, base_model_dir, pairs_file, tmp_path):
     from conftest import PAIRS
-    from orpo.model import load_tokenizer
+    from orpo.model.load import load_tokenizer
 
     eval_file = write_jsonl(tmp_path / "eval.jsonl", PAIRS[:3])
     summary = train(load_config(None, overrides(chat_model_dir, pairs_file, tmp_path / "ev", max_steps=1, **{"data.eval_path": eval_file})))
@@ -278,7 +278,7 @@ def test_skipping_non_finite_steps_counts_them_and_saves_finite_json(chat_model_
 def test_one_epoch_visits_every_pair_once(chat_model_dir, tmp_path, monkeypatch):
     """26 training pairs, batch 2, GA 4, 1 epoch: 13 micro-batches in 4 steps (the last holds 1), every pair once,
     logged epoch 1.0 at the end."""
-    import orpo.train as loop
+    import orpo.train.loop as loop
 
     rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i}."} for i in range(30)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -371,10 +371,10 @@ def test_resume_refuses_other_settings_and_allows_what_cannot_change_the_result(
 def test_a_tracker_that_is_not_installed_is_a_config_error(chat_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    import orpo.tracking
+    import orpo.train.tracking
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(orpo.tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(orpo.train.tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     out = tmp_path / "run"
     assert main(["train", *overrides(chat_model_dir, pairs_file, out, report_to="wandb")]) == 2
     assert "report_to=wandb: the wandb package is not installed (pip install wandb" in capsys.readouterr().err

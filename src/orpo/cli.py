@@ -31,13 +31,13 @@ def is_main_process() -> bool:
 def cmd_train(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides, preset=DEMO if path is None else None)  # no file: the embedded demo
-    from .train import train
+    from .train.loop import train
 
     summary = train(config)
     if not is_main_process():  # under torchrun / accelerate launch, rank 0 alone prints
         return 0
     if "after" in summary:
-        from .assess import table
+        from .after.eval import table
 
         print("\n" + table(["before", "after"], [summary.get("before", {}), summary["after"]]))
     print(f"\nrun folder: {config.output_dir}  (summary.json, metrics.jsonl, final/)")
@@ -58,7 +58,7 @@ def _remote_code(args) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from .assess import run_eval
+    from .after.eval import run_eval
 
     harness = dict(tasks=args.lm_eval.split(","), include_path=args.lm_eval_include, limit=args.lm_eval_limit) if args.lm_eval else None
     return run_eval(args.target, [*args.items, *_remote_code(args)], args.data, args.compare, args.samples, not args.no_generate,
@@ -66,26 +66,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import run_merge
+    from .after.merge import run_merge
 
     return run_merge(args.run_dir, args.dtype, args.out, args.max_shard_size, _remote_code(args))
 
 
 def cmd_push(args) -> int:
-    from .upload import run_push
+    from .after.push import run_push
 
     return run_push(args.folder, args.repo, args.private, args.dry_run)
 
 
 def cmd_chat(args) -> int:
-    from .chat import run_chat
+    from .after.chat import run_chat
 
     return run_chat(args.target, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.system, args.seed,
                     _remote_code(args))
 
 
 def cmd_report(args) -> int:
-    from .report import run_report
+    from .after.report import run_report
 
     return run_report(args.run_dir)
 
@@ -93,7 +93,7 @@ def cmd_report(args) -> int:
 def cmd_data_inspect(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
-    from .inspect_data import run_inspect
+    from .data.doctor import run_inspect
 
     return run_inspect(config, args.json)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, MixtureEntry
+from ..config import DataConfig, MixtureEntry
 from .formats import DataError, canonical, detect_format, rename
 
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -139,7 +139,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train"):
         return _read_folder(local)
     if path.startswith((".", "/", "~")) or path.endswith(tuple(_FILE_KINDS)) or path.endswith(".gz"):
         raise DataError(f"data file not found: {path}")
-    from .hub_read import load_hub_dataset
+    from .hub import load_hub_dataset
 
     return load_hub_dataset(path, name, split)
 

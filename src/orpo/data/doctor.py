@@ -26,9 +26,9 @@ import json
 import logging
 from typing import Any
 
-from .config import Config
-from .data import STAT_COLUMNS, Prepared, load_pairs, prepare
+from ..config import Config
 from .formats import DataError
+from .pairs import STAT_COLUMNS, Prepared, load_pairs, prepare
 
 log = logging.getLogger(__name__)
 _EXAMPLES = 5
@@ -211,7 +211,7 @@ def run_inspect(config: Config, as_json: bool = False) -> int:
     """`orpo data inspect`: print the report; exit status 1 when it has errors."""
     import datasets
 
-    from .model import load_tokenizer
+    from ..model.load import load_tokenizer
 
     datasets.disable_progress_bars()
     tokenizer, _ = load_tokenizer(config)

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 

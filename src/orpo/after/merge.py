@@ -24,8 +24,8 @@ from typing import Literal
 
 import torch
 
+from ..data.pairs import end_of_turn_id
 from .card import write_card
-from .data import end_of_turn_id
 from .runs import MERGED_CONFIG, load, prompt_logits, resolve
 
 log = logging.getLogger(__name__)

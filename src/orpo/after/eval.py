@@ -11,11 +11,11 @@ import json
 import logging
 from pathlib import Path
 
-from .config import load_config
-from .data import load_pairs, to_messages
-from .evaluate import HELD_OUT_ROWS, format_metric, generate_replies
+from ..config import load_config
+from ..data.pairs import load_pairs, to_messages
+from ..train.heldout import HELD_OUT_ROWS, format_metric, generate_replies
+from ..train.tracking import strict_json
 from .runs import Target, load, resolve
-from .tracking import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def evaluate_target(target: Target, samples: int = 8, generate: bool = True, har
     ({tasks, include_path, limit}), lm-evaluation-harness results under "lm_eval"."""
     from accelerate import Accelerator
 
-    from .train import evaluate_all
+    from ..train.loop import evaluate_all
 
     config = target.config
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import BUILTIN, BUILTIN_HUB_ID, Config, load_config
-from .evaluate import HELD_OUT_ROWS, format_metric
+from ..config import BUILTIN, BUILTIN_HUB_ID, Config, load_config
+from ..train.heldout import HELD_OUT_ROWS, format_metric
 from .report import PLOTS, read_metrics, write_plots
 from .runs import MERGED_CONFIG
 

@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from .config import Config, load_config
-from .data import prompt_ids
-from .model import DTYPES, load_base, load_tokenizer, loading_bars, looks_local, weights_dtype
+from ..config import Config, load_config
+from ..data.pairs import prompt_ids
+from ..model.load import DTYPES, load_base, load_tokenizer, loading_bars, looks_local, weights_dtype
 
 MERGED_CONFIG = "orpo_config.yaml"  # the run's config, copied into a merged model folder
 REMOTE_CODE = "model.trust_remote_code"

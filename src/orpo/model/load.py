@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from .builtin.model import builtin_model_dir
-from .checkpoint import atomic_folder
-from .config import BUILTIN, Config
-from .gated_mlp import fuse_gated_mlps
-from .lora_dropout import fuse_lora_dropout
-from .lora_linear import fuse_lora_linears
-from .rms_norm import fuse_rms_norms
+from ..config import BUILTIN, Config
+from ..train.checkpoint import atomic_folder
+from .builtin import builtin_model_dir
+from .fast.gated_mlp import fuse_gated_mlps
+from .fast.lora_dropout import fuse_lora_dropout
+from .fast.lora_linear import fuse_lora_linears
+from .fast.rms_norm import fuse_rms_norms
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import functools
 import torch
 from torch.nn import functional as F
 
-from .layout import CHOSEN, REJECTED, SPLIT, Batch
+from ...train.layout import CHOSEN, REJECTED, SPLIT, Batch
 
 # Model types whose forward takes a prepared mask, explicit position_ids and logits_to_keep, each checked
 # against the plain layout in tests/test_layout.py. Others must use layout=plain.

@@ -14,8 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from .config import BUILTIN, BUILTIN_HUB_ID
-from .evaluate import HELD_OUT_ROWS, format_metric
+from ..config import BUILTIN, BUILTIN_HUB_ID
+from ..train.heldout import HELD_OUT_ROWS, format_metric
 
 # (file stem, title, y-axis label, metric keys drawn together); each key is drawn for train and, prefixed eval_,
 # for eval.

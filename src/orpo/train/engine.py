@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def make_accelerator(mixed_precision: str, log_with: list[str] | None, project_dir: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
+from ..config import Config
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

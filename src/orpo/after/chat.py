@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .data import prompt_ids
+from ..data.pairs import prompt_ids
 from .runs import load, resolve
 
 HELP = "type a message; /reset clears the conversation, /exit (or Ctrl-D) quits"

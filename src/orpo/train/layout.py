@@ -25,8 +25,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .config import Config
-from .data import collate
+from ..config import Config
+from ..data.pairs import collate
 from .loss import loss_masks
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3  # token roles in a packed row

@@ -19,9 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..after.card import framework_versions, write_card
+from ..after.report import dropped_words, write_report
+from ..config import Config, load_config, save_config
+from ..data.doctor import load_checked
+from ..data.pairs import PairSampler
+from ..model.fast.attention import use_split
+from ..model.load import count_parameters, load_model, load_tokenizer, save_final
 from . import engine
-from .attention import use_split
-from .card import framework_versions, write_card
 from .checkpoint import (
     NonFiniteError,
     Procs,
@@ -36,16 +41,11 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import Config, load_config, save_config
-from .data import PairSampler
-from .evaluate import preference_metrics, task_accuracy
-from .inspect_data import load_checked
+from .heldout import preference_metrics, task_accuracy
 from .layout import Batch, make_layout
 from .logps import causal_lm, check_packed, forward_logps
 from .loss import Norm, add_stats, finish_metrics, orpo_loss
-from .model import count_parameters, load_model, load_tokenizer, save_final
 from .optim import make_optimizer, make_scheduler
-from .report import dropped_words, write_report
 from .tracking import MetricsLog, check_trackers, dump_json, flat_params
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
         show_progress=accelerator.is_local_main_process,
     )
     if generate and config.data.builtin:
-        from .builtin.tasks import check
+        from ..data.builtin_tasks import check
 
         acc, samples = task_accuracy(
             accelerator.unwrap_model(model),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import SPLIT, model_mask, packed_problem
+from ..model.fast.attention import SPLIT, model_mask, packed_problem
 from .layout import Batch
 from .loss import token_logps
 

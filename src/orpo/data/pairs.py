@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from ..config import Config
+from ..train.loss import IGNORE
 from .formats import DataError, to_messages
-from .loss import IGNORE
 from .sources import DataReport, build_rows, quiet_datasets, read_rows, sample_and_split
 
 __all__ = ["DataError", "DataReport", "read_rows", "sample_and_split", "to_messages"]  # re-exported for callers
@@ -274,7 +274,7 @@ def cache_dir(config: Config) -> Path | None:
         return None
     if config.data.cache_dir is not None:
         return Path(config.data.cache_dir).expanduser()
-    from .builtin.model import cache_root
+    from ..model.builtin import cache_root
 
     return cache_root() / "tokenized"
 
@@ -298,7 +298,7 @@ def prepare(config: Config, tokenizer) -> Prepared:
 
     data, report = config.data, DataReport()
     if data.builtin:
-        from .builtin.tasks import generate, prompt_messages
+        from .builtin_tasks import generate, prompt_messages
 
         train_raw, eval_raw = (
             [dict(r, prompt=prompt_messages(r)) for r in rows]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import prompt_ids
+from ..data.pairs import prompt_ids
 from .layout import Layout, pair_length
 from .logps import forward_logps
 from .loss import Norm, add_stats, finish_metrics, orpo_loss

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, save_config
+from ..config import Config, ConfigError, save_config
 from .tracking import flat_params
 
 # Keys a resumed run may change: they decide what is logged, evaluated, saved or how fast, not what is learned.
