@@ -170,7 +170,7 @@ def test_the_run_uses_the_split_on_a_cpu_only_for_the_packed_layout(chat_model_d
     """run_layout: an sdpa model goes pair by pair on a CPU with the packed layout (one row per pass); the
     plain layout, eager and other devices keep their kernel."""
     from conftest import make_tokenizer
-    from orpo.train.loop import run_layout
+    from orpo.train.heldout import run_layout
 
     tokenizer = make_tokenizer(chat=True)
     for layout, kernel, device, want in [("packed", "sdpa", "cpu", SPLIT), ("plain", "sdpa", "cpu", "sdpa"),

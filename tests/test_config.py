@@ -29,7 +29,7 @@ def test_defaults_are_trls_and_the_demo_has_its_own_preset(monkeypatch, tmp_path
     assert cfg.report_to == [] and cfg.bf16 is False  # TRL's bf16=None: on only where a GPU has it
 
     seen = []
-    monkeypatch.setattr(orpo.train.loop, "train", lambda config: seen.append(config) or {})
+    monkeypatch.setattr(orpo.train.loop, "train", lambda config, finish=None: seen.append(config) or {})
     assert main(["train", "max_steps=2"]) == 0
     (tmp_path / "mine.yaml").write_text("output_dir: somewhere\n")
     assert main(["train", str(tmp_path / "mine.yaml"), "max_steps=2"]) == 0
@@ -139,6 +139,14 @@ def test_invalid_configs(overrides, fragments):
         load_config(None, overrides)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_the_bad_items_of_one_list_are_one_line():
+    """report_to: [0, 'x'] is one key: one line naming both items (a fuzz case: it was two lines)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["report_to=[0, x]"])
+    assert str(info.value).count("\n") == 0 and "report_to.0: 0 is not allowed" in str(info.value)
+    assert "report_to.1: 'x' is not allowed" in str(info.value)
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -1,13 +1,19 @@
-"""The package's import graph (every `from .x import`, at module level or inside a function) has no cycle, and the
-network code is split by direction: reading datasets (hub_read) and uploading (upload) import nothing of orpo's
-data, evaluation or card code, so neither pulls the other in."""
+"""The package's import graph (every `from .x import`, at module level or inside a function): no module imports
+from a later stage of the data flow (data -> model -> train -> after), it has no cycle, and the network code is
+split by direction: reading datasets (data.hub) and uploading (after.push) import nothing of orpo's data,
+evaluation or card code, so neither pulls the other in."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "orpo"
+# The stages in the order data flows; a module may import its own stage's and earlier stages' modules only.
+STAGES = ["data", "model", "train", "after"]
+BASE = {"orpo.config", "orpo.trl_names", "orpo.files"}  # imported by every stage; they import nothing later
+TOP = BASE | {"orpo", "orpo.cli"}  # the top level: cli parses and calls into every stage
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -48,6 +54,47 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if start not in state and (found := visit(start, [start])):
             return found
     return None
+
+
+def stage(module: str) -> int:
+    """0 for the base modules, 1.. for data, model, train, after, one more for the cli."""
+    if module in BASE:
+        return 0
+    if module == "orpo.cli":
+        return len(STAGES) + 1
+    return STAGES.index(module.split(".")[1]) + 1
+
+
+def stage_breaks(graph: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for every import from a later stage (or from the cli)."""
+    return [f"{m} imports {d}" for m, deps in sorted(graph.items()) for d in sorted(deps) if d in graph and stage(d) > stage(m)]
+
+
+def test_every_module_belongs_to_a_stage():
+    graph = import_graph()
+    loose = [m for m in graph if m not in TOP and m.split(".")[1] not in STAGES]
+    assert not loose, f"modules outside the stage folders {STAGES}: {loose}"
+
+
+def test_no_module_imports_from_a_later_stage():
+    breaks = stage_breaks(import_graph())
+    assert not breaks, "imports against the data flow (data -> model -> train -> after): " + "; ".join(breaks)
+
+
+def test_a_data_module_importing_training_code_breaks_the_stage_rule():
+    graph = import_graph()
+    graph["orpo.data.pairs"] = graph["orpo.data.pairs"] | {"orpo.train.loss"}  # what `from ..train.loss import X` adds
+    assert stage_breaks(graph) == ["orpo.data.pairs imports orpo.train.loss"]
+
+
+def test_each_stage_says_what_it_may_import():
+    """Each stage folder's __init__ docstring ends with 'May import: ...', and that list is the stage rule."""
+    for i, name in enumerate(STAGES):
+        doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
+        said = re.search(r"May import: (.*)$", doc, re.S)
+        assert said, f"orpo/{name}/__init__.py does not say what it may import"
+        allowed = set(re.findall(r"orpo\.\w+", said.group(1)))
+        assert allowed == {"orpo.config", "orpo.files"} | {f"orpo.{s}" for s in STAGES[:i]}, (name, allowed)
 
 
 def test_no_import_cycle_in_the_package():

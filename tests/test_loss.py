@@ -14,11 +14,11 @@ import torch
 from torch.testing import assert_close
 
 from conftest import PAIRS
-from orpo.data.pairs import TokenSpec, end_of_turn_id, to_messages, tokenize_pair
+from orpo.data.pairs import IGNORE, TokenSpec, end_of_turn_id, to_messages, tokenize_pair
 from orpo.train.layout import plain_batch
 from orpo.train.logps import forward_logps
 from orpo.train.loop import global_norm
-from orpo.train.loss import IGNORE, Norm, add_stats, finish_metrics, log1mexp, loss_masks, orpo_loss
+from orpo.train.loss import Norm, add_stats, finish_metrics, log1mexp, loss_masks, orpo_loss
 
 A = math.log(2.0)
 LN2 = math.log(2.0)

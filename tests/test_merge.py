@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import PAIRS, tiny_overrides, write_jsonl
+from orpo.after.card import finish_run
 from orpo.cli import main
 from orpo.config import load_config
 from orpo.train.loop import train
@@ -19,7 +20,7 @@ def chatml_run(base_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("merge")
     data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
     out = tmp / "run"
-    train(load_config(None, tiny_overrides(base_model_dir, data, out, max_steps=2, learning_rate=0.05, eval_on_start="false", eval_steps="null")))
+    train(load_config(None, tiny_overrides(base_model_dir, data, out, max_steps=2, learning_rate=0.05, eval_on_start="false", eval_steps="null")), finish=finish_run)
     return out
 
 
@@ -64,7 +65,7 @@ def test_qlora_run_merges_into_a_16_bit_base(wide_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     run = tmp_path / "q"
     train(load_config(None, tiny_overrides(wide_model_dir, data, run, max_steps=1, eval_on_start="false", eval_steps="null", **{
-        "model.load_in_4bit": "true", "model.bnb_4bit_compute_dtype": "float32"})))
+        "model.load_in_4bit": "true", "model.bnb_4bit_compute_dtype": "float32"})), finish=finish_run)
     out = tmp_path / "merged"
     assert main(["merge", str(run), "--dtype", "fp16", "--out", str(out)]) == 0
     assert "PASS" in capsys.readouterr().out

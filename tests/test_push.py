@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import PAIRS, tiny_overrides, write_jsonl
+from orpo.after.card import finish_run
 from orpo.cli import main
 from orpo.config import load_config
 from orpo.train.loop import train
@@ -22,7 +23,7 @@ def tiny_run(chat_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("push")
     data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
     out = tmp / "run"
-    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_steps=2, max_new_tokens=2)))
+    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_steps=2, max_new_tokens=2)), finish=finish_run)
     return out
 
 

@@ -4,7 +4,8 @@
 own command line; their config files exist and load, and their key=value overrides are valid keys with valid
 values. torchrun and accelerate options parse with those tools' own parsers, and `--config_file` files exist.
 `./run.sh` commands exist. (The commands themselves run in the other tests where a CPU can run them: the
-distributed tests run the torchrun and accelerate lines, test_cli / test_push / test_assess the orpo ones.)
+distributed tests run the torchrun and accelerate lines, test_cli / test_push / test_eval the orpo ones.) The
+Architecture section's tree is the package's tree, file for file.
 """
 
 from __future__ import annotations
@@ -93,3 +94,27 @@ def test_every_readme_command_parses(line):
         check_orpo(tokens[split + 2 :])
     else:
         assert tokens[0] in ("head=$(scontrol", "pip", "python"), f"a README command this test does not know: {line}"
+
+
+def drawn_tree() -> set[str]:
+    """The paths the README's Architecture section draws (`├── name` / `└── name` under `src/orpo/`)."""
+    section = (ROOT / "README.md").read_text().split("## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```\nsrc/orpo/\n(.*?)```", section, re.S).group(1)
+    found, parents = set(), []
+    for line in block.splitlines():
+        branch = re.search(r"[├└]── (\S+)", line)
+        if not branch:
+            continue
+        depth = branch.start() // 4
+        name = branch.group(1)
+        parents[depth:] = [name.rstrip("/")]
+        found.add("/".join(parents) + ("/" if name.endswith("/") else ""))
+    return found
+
+
+def test_the_architecture_tree_is_the_package():
+    package = ROOT / "src" / "orpo"
+    real = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
+    real |= {p.relative_to(package).as_posix() + "/" for p in package.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    drawn = drawn_tree()
+    assert drawn == real, f"missing from the README: {sorted(real - drawn)}; not in src/orpo: {sorted(drawn - real)}"

@@ -66,7 +66,8 @@ def test_report_of_a_non_run_fails(tmp_path):
 
 
 def test_drops_and_durations_in_words():
-    from orpo.after.report import dropped_words, duration
+    from orpo.after.report import duration
+    from orpo.data.sources import dropped_words
 
     assert dropped_words({}) == "none"
     assert dropped_words({"train/too_long": 3, "read/tie": 1}) == (

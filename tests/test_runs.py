@@ -65,12 +65,13 @@ def test_the_users_flag_allows_it(remote_code_folder, capsys):
 @pytest.fixture(scope="module")
 def finished_run(chat_model_dir, tmp_path_factory):
     from conftest import PAIRS, tiny_overrides, write_jsonl
+    from orpo.after.card import finish_run
     from orpo.train.loop import train
 
     tmp = tmp_path_factory.mktemp("finished")
     data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
     out = tmp / "run"
-    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_steps=2, eval_steps="null", eval_on_start=False)))
+    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_steps=2, eval_steps="null", eval_on_start=False)), finish=finish_run)
     return out
 
 

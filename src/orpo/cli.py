@@ -31,9 +31,10 @@ def is_main_process() -> bool:
 def cmd_train(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides, preset=DEMO if path is None else None)  # no file: the embedded demo
+    from .after.card import finish_run
     from .train.loop import train
 
-    summary = train(config)
+    summary = train(config, finish=finish_run)  # finish: report.html, plots/, final/README.md
     if not is_main_process():  # under torchrun / accelerate launch, rank 0 alone prints
         return 0
     if "after" in summary:
@@ -94,8 +95,10 @@ def cmd_data_inspect(args) -> int:
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides)
     from .data.doctor import run_inspect
+    from .model.load import load_tokenizer
 
-    return run_inspect(config, args.json)
+    tokenizer, _ = load_tokenizer(config)  # the data stage comes before the model stage: its caller brings the tokenizer
+    return run_inspect(config, tokenizer, args.json)
 
 
 EXIT_CODES = """exit status: 0 done, 1 failed (a run, a check or a file error), 2 bad usage or config.

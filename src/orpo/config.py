@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .trl_names import translate as translate_trl
 
 BUILTIN = "builtin"
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what builtin/model.py converts from its GGUF
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what model/builtin.py converts from its GGUF
 
 
 class ConfigError(ValueError):
@@ -340,19 +340,20 @@ def _field_loc(loc: tuple) -> tuple:
 
 
 def _problems(errors: list[dict]) -> list[str]:
-    """One line per key: the alternatives of a union are joined."""
+    """One line per key: the alternatives of a union are joined, and so are the bad items of one list."""
     grouped: dict[tuple, list[dict]] = {}
     for error in errors:
         grouped.setdefault(_field_loc(error["loc"]), []).append(error)
-    lines = []
+    lines: dict[tuple, list[str]] = {}
     for loc, group in grouped.items():
         if len(group) == 1:
-            lines.append(_describe(group[0]))
+            line = _describe(group[0])
         else:
             key = ".".join(str(p) for p in loc)
             wanted = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in group))
-            lines.append(f"{key}: {group[0].get('input')!r} is invalid: expected {wanted}")
-    return lines
+            line = f"{key}: {group[0].get('input')!r} is invalid: expected {wanted}"
+        lines.setdefault(loc[:-1] if loc and isinstance(loc[-1], int) else loc, []).append(line)  # report_to.0, .1: one key
+    return ["; ".join(group) for group in lines.values()]
 
 
 def config_error(problems: list[str], source: str | None = None) -> ConfigError:

@@ -1,7 +1,7 @@
 """The upload folder for `orpo push`: the model files of a run (its adapter) or of a merged model, plus a
 model card (README.md with YAML front matter) and the training-curve PNGs of the run's report.
 
-No network here: `stage` writes a folder; upload.py uploads it.
+No network here: `stage` writes a folder; push.py uploads it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import yaml
 
 from ..config import BUILTIN, BUILTIN_HUB_ID, Config, load_config
 from ..train.heldout import HELD_OUT_ROWS, format_metric
-from .report import PLOTS, read_metrics, write_plots
+from ..train.tracking import framework_versions
+from .report import PLOTS, read_metrics, write_plots, write_report
 from .runs import MERGED_CONFIG
 
 MODEL_FILES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")  # weights, configs, tokenizer
@@ -69,22 +70,6 @@ CITATION = """@article{hong2024orpo,
   journal = {arXiv preprint arXiv:2403.07691},
   year    = {2024}
 }"""
-FRAMEWORKS = ("orpo", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
-
-
-def framework_versions() -> dict[str, str]:
-    """Installed versions of orpo and the libraries it trains with (those installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in FRAMEWORKS:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
 def base_license(config: Config) -> str | None:
     """config.license, else the base model's license where orpo knows it: the builtin model's (SmolLM2: Apache
     2.0), or the `license:` of a local base folder's own model card."""
@@ -189,6 +174,13 @@ def write_card(folder: str | Path) -> Path:
     path = model_dir / "README.md"
     path.write_text(model_card(name, config, kind, summary, metrics, plots, load_from=str(model_dir.resolve())))
     return path
+
+
+def finish_run(run_dir: Path) -> None:
+    """What this stage adds to a finished `orpo train` run (its main process, once final/ and summary.json are
+    written; train.loop.train calls it as `finish`): report.html with plots/, then final/README.md."""
+    write_report(run_dir)  # report.html + plots/*.png from metrics.jsonl and summary.json
+    write_card(run_dir / "final")  # final/README.md: the model card `orpo push` uploads
 
 
 def _results(run: Path | None) -> tuple[dict, list[dict]]:

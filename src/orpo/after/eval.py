@@ -1,7 +1,7 @@
 """`orpo eval`: held-out metrics of a run, a merged model or a base model, alone or side by side.
 
-The held-out split is rebuilt from the run's config (`data.load_pairs`), and the metrics come from
-`train.evaluate_all`, the function training used for summary.json's `before`/`after`: for a finished run
+The held-out split is rebuilt from the run's config (`data.pairs.load_pairs`), and the metrics come from
+`train.heldout.evaluate_all`, the function training used for summary.json's `before`/`after`: for a finished run
 the numbers equal summary.json's `after`; for its base model (LoRA B = 0 at step 0) they equal `before`.
 """
 
@@ -25,7 +25,7 @@ def evaluate_target(target: Target, samples: int = 8, generate: bool = True, har
     ({tasks, include_path, limit}), lm-evaluation-harness results under "lm_eval"."""
     from accelerate import Accelerator
 
-    from ..train.loop import evaluate_all
+    from ..train.heldout import evaluate_all
 
     config = target.config
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"

@@ -1,5 +1,5 @@
 """Uploading to the Hugging Face Hub (beside card.py, which stages what goes up): `orpo push`. The only code that
-sends anything over the network; reading datasets is hub_read.py."""
+sends anything over the network; reading datasets is data/hub.py."""
 
 from __future__ import annotations
 

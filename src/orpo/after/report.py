@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from ..config import BUILTIN, BUILTIN_HUB_ID
+from ..data.sources import dropped_words
 from ..train.heldout import HELD_OUT_ROWS, format_metric
 
 # (file stem, title, y-axis label, metric keys drawn together); each key is drawn for train and, prefixed eval_,
@@ -32,12 +33,6 @@ PLOTS = [
     ("grad_norm", "gradient norm (before clipping)", "L2 norm", ["grad_norm"]),
     ("tokens_per_second", "throughput", "tokens / s", ["tokens_per_second"]),
 ]
-# Drop reasons (data report keys `<stage>/<reason>`) in words.
-REASONS = {
-    "bad_row": "unreadable rows", "no_score": "no score to filter on", "below_min_score": "below data.min_score",
-    "tie": "chosen and rejected scored alike", "empty_response": "an empty response", "identical_responses":
-    "chosen identical to rejected", "too_long": "longer than max_length",
-}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -149,18 +144,6 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1180px;co
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}
 th{background:#f2f2f2}.ok{background:#e6f6e6}.bad{background:#fbe9e9}.plots{display:flex;flex-wrap:wrap;gap:8px}
 .plots img{width:560px;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}"""
-
-
-def dropped_words(dropped: dict[str, int]) -> str:
-    """{'train/too_long': 3, 'read/tie': 1} -> '3 training pairs longer than max_length; 1 read row ...'."""
-    if not dropped:
-        return "none"
-    stage = {"read": "rows read", "train": "training pairs", "eval": "held-out pairs"}
-    parts = []
-    for key, count in sorted(dropped.items()):
-        where, _, reason = key.partition("/")
-        parts.append(f"{count} {stage.get(where, where)}: {REASONS.get(reason, reason.replace('_', ' '))}")
-    return "; ".join(parts)
 
 
 def duration(seconds: float) -> str:

@@ -5,7 +5,7 @@
     base model    'builtin', a Hub id or any local model folder
 
 Every target resolves to a Config that rebuilds the run's tokenizer and held-out split exactly
-(`data.load_pairs(config, tokenizer)`), plus the weights to put on top of it.
+(`data.pairs.load_pairs(config, tokenizer)`), plus the weights to put on top of it.
 
 A folder's own config never turns on `model.trust_remote_code` (a folder someone sends you must not run code):
 only the user's command line does (`--trust-remote-code`, or the override `model.trust_remote_code=true`).
@@ -127,7 +127,7 @@ def _ready(model, tokenizer):
 @torch.no_grad()
 def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     """fp32 logits (T, V) of each chat prompt (a user message) with the generation header, one at a time,
-    from the ids training would use (data.prompt_ids)."""
+    from the ids training would use (data.pairs.prompt_ids)."""
     out = []
     for ids in prompt_ids(tokenizer, [[{"role": "user", "content": text}] for text in prompts]):
         out.append(model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float())  # (T, V)

@@ -1,6 +1,6 @@
 """The data doctor: `orpo data inspect`, and the same checks before `orpo train` starts.
 
-It runs the training data pipeline (data.prepare) and reports
+It runs the training data pipeline (pairs.prepare) and reports
 - rows read, kept and dropped, each drop with its reason and example row ids;
 - token lengths of prompt, chosen, rejected and pair (p50/p90/p99/max) and the share cut at
   max_prompt_length / max_length;
@@ -207,14 +207,12 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_inspect(config: Config, as_json: bool = False) -> int:
-    """`orpo data inspect`: print the report; exit status 1 when it has errors."""
+def run_inspect(config: Config, tokenizer, as_json: bool = False) -> int:
+    """`orpo data inspect`: print the report for the config's tokenizer (model.load_tokenizer's, ChatML set-up
+    included); exit status 1 when it has errors."""
     import datasets
 
-    from ..model.load import load_tokenizer
-
     datasets.disable_progress_bars()
-    tokenizer, _ = load_tokenizer(config)
     try:
         result = diagnose(config, tokenizer, prepare(config, tokenizer))
     except DataError as exc:

@@ -1,5 +1,5 @@
 """Reading datasets from the Hugging Face Hub (beside sources.py): the only code that fetches data over the network.
-Models are fetched by transformers' from_pretrained (model.py); uploading is upload.py."""
+Models are fetched by transformers' from_pretrained (model/load.py); uploading is after/push.py."""
 
 from __future__ import annotations
 

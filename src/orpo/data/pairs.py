@@ -35,13 +35,14 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..train.loss import IGNORE
+from ..files import cache_root
 from .formats import DataError, to_messages
 from .sources import DataReport, build_rows, quiet_datasets, read_rows, sample_and_split
 
 __all__ = ["DataError", "DataReport", "read_rows", "sample_and_split", "to_messages"]  # re-exported for callers
 
 log = logging.getLogger(__name__)
+IGNORE = -100  # the label of a token no loss term scores (the prompt's, padding), as transformers uses it
 _SENTINEL = "ORPO_SENTINEL_RESPONSE"
 _CACHE_VERSION = "1"  # bump when tokenize_batch changes what it writes
 STAT_COLUMNS = ("prompt_len", "chosen_len", "rejected_len", "prompt_cut", "response_cut", "boundary_merged")
@@ -274,8 +275,6 @@ def cache_dir(config: Config) -> Path | None:
         return None
     if config.data.cache_dir is not None:
         return Path(config.data.cache_dir).expanduser()
-    from ..model.builtin import cache_root
-
     return cache_root() / "tokenized"
 
 

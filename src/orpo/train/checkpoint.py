@@ -11,13 +11,11 @@ tensor), read back with `torch.load(weights_only=True)`; a file holding anything
 
 from __future__ import annotations
 
-import errno
 import json
 import pickle
 import random
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config, ConfigError, save_config
+from ..files import atomic_folder
 from .tracking import flat_params
 
 # Keys a resumed run may change: they decide what is logged, evaluated, saved or how fast, not what is learned.
@@ -108,39 +107,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextmanager
-def atomic_folder(final: Path, main: bool = True, barrier=lambda: None):
-    """Write a folder as a whole or not at all: yields a temporary sibling, then adds COMPLETE and renames it to
-    `final` (replacing an older one). On any error the temporary folder goes and one clear ValueError is raised
-    (a full disk named as such); `final` is never left half-written.
-
-    Several processes may write into it: all enter, the `main` one creates and finishes it, and `barrier` (which
-    every process calls) keeps the others from writing before it exists or the main one renaming before they are
-    done. A process that fails stops the launch (torchrun ends the others); the debris goes on the next start."""
-    tmp = final.parent / f".{final.name}.partial"
-    try:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        yield tmp
-        barrier()
-        if main:
-            (tmp / "COMPLETE").write_text("ok\n")
-    except Exception as exc:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, NonFiniteError):
-            raise
-        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) or "StorageFull" in str(exc)
-        reason = "the disk is full" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
-        raise ValueError(f"could not write {final}: {reason} (nothing half-written was left)") from None
-    if main:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    barrier()
 
 
 def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, config: Config, procs: Procs | None = None) -> Path:

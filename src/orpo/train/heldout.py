@@ -1,17 +1,26 @@
-"""Held-out metrics: preference metrics through the training loss, and task accuracy by greedy generation."""
+"""Held-out metrics: preference metrics through the training loss, and task accuracy by greedy generation.
+
+`evaluate_all` is what the loop runs before, during and after training, and what `orpo eval` runs on a
+finished run, so both report the same numbers.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import Config
 from ..data.pairs import prompt_ids
-from .layout import Layout, pair_length
-from .logps import forward_logps
+from ..model.fast.attention import use_split
+from . import engine
+from .layout import Layout, make_layout, pair_length
+from .logps import causal_lm, forward_logps
 from .loss import Norm, add_stats, finish_metrics, orpo_loss
 
+log = logging.getLogger(__name__)
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one process)
 
 # Held-out metrics as tables show them (CLI, report, model card): (label, metric key, shown as a percentage).
@@ -128,3 +137,46 @@ def task_accuracy(model, tokenizer, rows: list[dict], check, *, max_new_tokens: 
     )
     results = [(row, reply, bool(check(row, reply))) for row, reply in zip(rows, replies, strict=True)]
     return sum(ok for _, _, ok in results) / max(len(results), 1), results
+
+
+def run_layout(config: Config, model, tokenizer, batch_size: int, device):
+    """The config's layout for this model (its attention kernel) and device."""
+    lm = causal_lm(model)
+    kernel = use_split(lm.config, device) if config.layout == "packed" else lm.config._attn_implementation
+    return make_layout(config, tokenizer.pad_token_id, batch_size, device, kernel)
+
+
+def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerator, label: str, generate: bool = True) -> dict[str, float]:
+    """Preference metrics on the held-out pairs, plus task accuracy for the builtin set (when `generate`)."""
+    metrics = preference_metrics(
+        model,
+        eval_ds,
+        beta=config.beta,
+        layout=run_layout(config, model, tokenizer, config.per_device_eval_batch_size, accelerator.device),
+        batch_size=config.per_device_eval_batch_size,
+        device=accelerator.device,
+        chunk=config.logps_chunk_size,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        reduce=lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"),
+        passes=lambda n: engine.passes(n, accelerator),
+        autocast=accelerator.autocast,
+        show_progress=accelerator.is_local_main_process,
+    )
+    if generate and config.data.builtin:
+        from ..data.builtin_tasks import check
+
+        acc, samples = task_accuracy(
+            accelerator.unwrap_model(model),
+            tokenizer,
+            list(eval_raw),
+            check,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.per_device_eval_batch_size,
+            device=accelerator.device,
+            show_progress=accelerator.is_local_main_process,
+        )
+        metrics["task_accuracy"] = acc
+        metrics["samples"] = [{"prompt": r["prompt"][-1]["content"], "reply": reply, "correct": ok} for r, reply, ok in samples[:8]]
+    log.info("%s eval: %s", label, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    return metrics

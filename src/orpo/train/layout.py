@@ -5,7 +5,7 @@ pass, chosen rows first, where grid[i, t] is log P(token t+1 | tokens <= t) of p
 prompt+chosen (row b+i: prompt+rejected), and two masks on that grid (`response`, `nll`). This is exactly
 what the plain layout has always produced, so `loss.orpo_loss` reads either layout unchanged.
 
-plain (the reference): [chosen; rejected] as 2b separate rows, right-padded to the longest (data.collate),
+plain (the reference): [chosen; rejected] as 2b separate rows, right-padded to the longest (data.pairs.collate),
     full logits over every position.
 
 packed (the default): each pair is one sequence  prompt | chosen | rejected.
@@ -27,10 +27,9 @@ import torch
 
 from ..config import Config
 from ..data.pairs import collate
+from ..model.fast.attention import CHOSEN, PAD, PROMPT, REJECTED, SPLIT
 from .loss import loss_masks
 
-PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3  # token roles in a packed row
-SPLIT = "orpo_split_sdpa"  # the attention kernel attention.split_attention registers: it reads a row pair by pair
 ONE_ROW_KERNELS = ("flex_attention", SPLIT)  # kernels whose cost does not grow with a row's other pairs
 
 
@@ -66,7 +65,7 @@ class Batch:
 
 
 def plain_batch(records: list[dict], pad_id: int, nll_on_prompt: bool) -> Batch:
-    """The reference layout: `data.collate`'s (2b, T) rows; the grid is its next-token positions (2b, T-1)."""
+    """The reference layout: `data.pairs.collate`'s (2b, T) rows; the grid is its next-token positions (2b, T-1)."""
     rows = collate(records, pad_id)
     response, nll = loss_masks(rows, nll_on_prompt)
     return Batch(rows["input_ids"], rows["attention_mask"], response, nll, int(rows["attention_mask"].sum()))

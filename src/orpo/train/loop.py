@@ -1,5 +1,9 @@
 """The training loop on Accelerate, top to bottom: set-up, before-eval, steps, checkpoints, after-eval, save.
 
+`train` reads as the run goes: `set_up` (processes, data, model, optimizer, resume), the held-out metrics
+before training, then one `step` after another with its log line, evaluation and checkpoint, then `end`
+(held-out metrics after training, `final/`, summary.json).
+
 One optimizer step = `gradient_accumulation_steps` micro-batches (fewer for an epoch's last step: a step never
 runs past the end of an epoch, so one epoch visits every pair once). Their token and pair counts are summed
 (and summed over processes) before the first backward, so each micro-batch's loss is already divided by
@@ -13,18 +17,19 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..after.card import framework_versions, write_card
-from ..after.report import dropped_words, write_report
 from ..config import Config, load_config, save_config
 from ..data.doctor import load_checked
 from ..data.pairs import PairSampler
-from ..model.fast.attention import use_split
+from ..data.sources import DataReport, dropped_words
 from ..model.load import count_parameters, load_model, load_tokenizer, save_final
 from . import engine
 from .checkpoint import (
@@ -41,14 +46,53 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .heldout import preference_metrics, task_accuracy
-from .layout import Batch, make_layout
+from .heldout import evaluate_all, run_layout
+from .layout import Batch, Layout
 from .logps import causal_lm, check_packed, forward_logps
 from .loss import Norm, add_stats, finish_metrics, orpo_loss
 from .optim import make_optimizer, make_scheduler
-from .tracking import MetricsLog, check_trackers, dump_json, flat_params
+from .tracking import MetricsLog, check_trackers, dump_json, flat_params, framework_versions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by `set_up`; `state` is the part that moves."""
+
+    config: Config
+    out: Path
+    accelerator: Any
+    procs: Procs
+    checkpoint: Path | None  # the checkpoint this run resumed from
+    tokenizer: Any
+    train_ds: Any  # tokenized training pairs (datasets.Dataset)
+    eval_ds: Any  # tokenized held-out pairs, or None
+    eval_raw: Any  # held-out rows as read (task accuracy of the builtin set)
+    report: DataReport
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: PairSampler
+    per_epoch: int  # micro-batches per epoch
+    total_steps: int
+    state: TrainState
+    metrics_log: MetricsLog
+    tokens_at_start: int  # state.tokens when this process started (a resumed run counts from there)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class Window:
+    """What was trained since the last log line: summed loss statistics, tokens, steps and when it began."""
+
+    stats: dict[str, torch.Tensor] | None = None
+    tokens: int = 0
+    steps: int = 0
+    start: float = 0.0
 
 
 def micro_batch_stream(sampler: PairSampler, dataset, start: int):
@@ -86,49 +130,6 @@ def nonfinite_error(step: int, loss: torch.Tensor, grad_norm: torch.Tensor, out:
     )
 
 
-def run_layout(config: Config, model, tokenizer, batch_size: int, device):
-    """The config's layout for this model (its attention kernel) and device."""
-    lm = causal_lm(model)
-    kernel = use_split(lm.config, device) if config.layout == "packed" else lm.config._attn_implementation
-    return make_layout(config, tokenizer.pad_token_id, batch_size, device, kernel)
-
-
-def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerator, label: str, generate: bool = True) -> dict[str, float]:
-    """Preference metrics on the held-out pairs, plus task accuracy for the builtin set (when `generate`)."""
-    metrics = preference_metrics(
-        model,
-        eval_ds,
-        beta=config.beta,
-        layout=run_layout(config, model, tokenizer, config.per_device_eval_batch_size, accelerator.device),
-        batch_size=config.per_device_eval_batch_size,
-        device=accelerator.device,
-        chunk=config.logps_chunk_size,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-        reduce=lambda t: accelerator.reduce(t.to(accelerator.device), reduction="sum"),
-        passes=lambda n: engine.passes(n, accelerator),
-        autocast=accelerator.autocast,
-        show_progress=accelerator.is_local_main_process,
-    )
-    if generate and config.data.builtin:
-        from ..data.builtin_tasks import check
-
-        acc, samples = task_accuracy(
-            accelerator.unwrap_model(model),
-            tokenizer,
-            list(eval_raw),
-            check,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.per_device_eval_batch_size,
-            device=accelerator.device,
-            show_progress=accelerator.is_local_main_process,
-        )
-        metrics["task_accuracy"] = acc
-        metrics["samples"] = [{"prompt": r["prompt"][-1]["content"], "reply": reply, "correct": ok} for r, reply, ok in samples[:8]]
-    log.info("%s eval: %s", label, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-    return metrics
-
-
 def hardware(accelerator) -> str:
     """'2 x NVIDIA H100 80GB HBM3 (FSDP)' or '2 CPU processes on 16 cores (MULTI_CPU)', for the report."""
     engine_name = str(accelerator.distributed_type).split(".")[-1]
@@ -140,16 +141,14 @@ def hardware(accelerator) -> str:
     return what + (f" ({engine_name})" if n > 1 else "")
 
 
-def train(config: Config) -> dict:
-    """Run one ORPO training job described by `config`; returns the summary written to summary.json."""
+def set_up(config: Config) -> Run:
+    """Processes, checks that need no model, data, model, optimizer and schedule, and the resumed state."""
     from accelerate.utils import set_seed
 
-    started = time.perf_counter()
     check_trackers(config)
     out = Path(config.output_dir)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     accelerator = engine.make_accelerator(mixed, config.report_to or None, str(out))  # one process, DDP, FSDP2, ZeRO
-    main = accelerator.is_main_process
     engine.configure_engine(config, accelerator)
     procs = Procs(accelerator.process_index, accelerator.num_processes, engine.sharded(accelerator), accelerator.wait_for_everyone)
     if engine.deepspeed(accelerator):
@@ -168,7 +167,7 @@ def train(config: Config) -> dict:
     read = ", ".join(f"{count:,} rows from {name}" for name, count in report.read.items())
     log.info("data: %s training pairs, %s held-out pairs (%s); dropped: %s", f"{report.train_rows:,}", f"{report.eval_rows:,}",
              read, dropped_words(report.dropped))
-    if main:  # the first write into output_dir: the config and data have passed every check
+    if accelerator.is_main_process:  # the first write into output_dir: the config and data have passed every check
         prepare_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)
         save_config(config, out / "config.yaml")
     # Seeded again here so that LoRA's init and dropout depend on the seed only, not on how much randomness data
@@ -193,116 +192,160 @@ def train(config: Config) -> dict:
         state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler, procs)
         log.info("resumed from %s at step %d", checkpoint, state.step)
 
-    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator if config.report_to else None, enabled=main,
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator if config.report_to else None, enabled=accelerator.is_main_process,
                              resume_step=state.step if checkpoint is not None else None)
     if config.report_to:
         accelerator.init_trackers("orpo", config=flat_params(json.loads(config.model_dump_json())))
-    summary: dict = {"data": report.as_dict(), "total_steps": total_steps}
-    eval_every = config.eval_interval(total_steps)
-    before = out / "eval_before.json"  # kept for a resumed run's summary
-    if eval_ds is not None and config.eval_on_start and state.step == 0:
-        summary["before"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "before")
-        metrics_log.write(0, {f"eval_{k}": v for k, v in summary["before"].items() if k != "samples"})
-        if main:
-            dump_json(summary["before"], before)
-    elif checkpoint is not None and before.is_file():
-        summary["before"] = json.loads(before.read_text())
+    return Run(config, out, accelerator, procs, checkpoint, tokenizer, train_ds, eval_ds, eval_raw, report, model, optimizer,
+               scheduler, sampler, per_epoch, total_steps, state, metrics_log, state.tokens)
 
-    layout = run_layout(config, model, tokenizer, config.per_device_train_batch_size, accelerator.device)
-    kernel = causal_lm(model).config._attn_implementation
-    log.info("layout: %s (%s; attention %s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch", kernel)
-    stream = micro_batch_stream(sampler, train_ds, state.micro_batches)
-    tokens_at_start = state.tokens
-    spare = layout.batches([[train_ds[0]]])[0].to(accelerator.device)  # for zero-weight passes (engine.passes)
-    model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
-    window, window_tokens, window_steps, window_start = None, 0, 0, time.perf_counter()
-    while state.step < total_steps:
-        # The step's micro-batches, in sampler order; never past an epoch's end (its last step may be short).
-        take = min(config.gradient_accumulation_steps, per_epoch - state.micro_batches % per_epoch)
-        groups = [next(stream) for _ in range(take)]
-        batches = [b.to(accelerator.device) for b in layout.batches(groups)]  # forward passes
-        live = len(batches)  # passes of this process's own pairs; then zero-weight ones where the engine needs them
-        batches += [spare] * (engine.passes(live, accelerator) - live)
-        norm = global_norm(batches[:live], accelerator)
-        step_loss, step_stats = torch.zeros((), device=accelerator.device), None
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-                logps = forward_logps(model, batch, config.logps_chunk_size)  # (2b, W)
-                loss, stats = orpo_loss(logps, batch.response, batch.nll, config.beta, norm)
-            if i >= live:  # keeps this process in step with the others; adds nothing to the gradient or the metrics
-                loss, stats = loss * 0, {k: v * 0 for k, v in stats.items()}
-            # DDP, FSDP2 and DeepSpeed average gradients over processes; the loss is already a global mean: undo that.
-            engine.backward(accelerator, loss * accelerator.num_processes, last)
-            step_loss, step_stats = step_loss + loss.detach(), add_stats(step_stats, stats)
-        # Clipping at inf when off: the norm is still measured (logged, and checked below), the gradient unchanged.
-        grad_norm = engine.plain(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
-        state.step += 1
-        if all_finite(step_loss, grad_norm, accelerator):
-            optimizer.step()
-            window = add_stats(window, step_stats)
-        elif config.on_nonfinite == "stop":
-            bar.close()  # the error line goes below the bar, not into it
-            raise nonfinite_error(state.step, step_loss, grad_norm, out)
-        else:
-            state.skipped_steps += 1
-            log.warning("step %d skipped: loss %.4g, gradient norm %.4g (on_nonfinite=skip)", state.step, float(step_loss), float(grad_norm))
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.micro_batches += len(groups)
-        step_tokens = sum(b.tokens for b in batches[:live])
-        state.tokens += step_tokens
-        window_tokens, window_steps = window_tokens + step_tokens, window_steps + 1
-        bar.update(1)
 
-        logged = state.step % config.logging_steps == 0 or state.step in (1, total_steps)  # step 1: the warm-up's start
-        if logged:
-            elapsed = time.perf_counter() - window_start
-            all_tokens = float(accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), reduction="sum"))
-            values = finish_metrics({k: accelerator.reduce(v, reduction="sum") for k, v in window.items()}, config.beta) if window else {}
-            values.update(
-                learning_rate=scheduler.get_last_lr()[0],
-                grad_norm=float(grad_norm),  # sync point
-                epoch=state.micro_batches / per_epoch,
-                tokens_per_second=all_tokens / max(elapsed, 1e-9),
-                seconds_per_step=elapsed / window_steps,
-                skipped_steps=state.skipped_steps,
-            )
-            metrics_log.write(state.step, values)
-            if window:
-                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
-            window, window_tokens, window_steps = None, 0, 0
-        if eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
-            metrics = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, f"step {state.step}", generate=False)
-            metrics_log.write(state.step, {f"eval_{k}": v for k, v in metrics.items() if k != "samples"})
-        if config.save_steps and state.step % config.save_steps == 0 and state.step < total_steps:
-            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state, config, procs)  # every process
-            if main:
-                prune_checkpoints(out, config.save_total_limit)
-        if logged:  # a log step just closed the window: time from here, not counting eval or saving
-            window_start = time.perf_counter()
-    bar.close()
+def evaluate(run: Run, label: str, generate: bool = True) -> dict:
+    """Held-out metrics now, written to metrics.jsonl as `eval_*` at the current step."""
+    metrics = evaluate_all(run.config, run.model, run.tokenizer, run.eval_ds, run.eval_raw, run.accelerator, label, generate)
+    run.metrics_log.write(run.state.step, {f"eval_{k}": v for k, v in metrics.items() if k != "samples"})
+    return metrics
 
-    if eval_ds is not None:
-        summary["after"] = evaluate_all(config, model, tokenizer, eval_ds, eval_raw, accelerator, "after")
-        metrics_log.write(state.step, {f"eval_{k}": v for k, v in summary["after"].items() if k != "samples"})
-    tokens = int(accelerator.reduce(torch.tensor(float(state.tokens - tokens_at_start), device=accelerator.device), reduction="sum"))
+
+def before_training(run: Run) -> dict:
+    """{'before': held-out metrics} at step 0 when eval_on_start; a resumed run reads those of its first start."""
+    before = run.out / "eval_before.json"  # kept for a resumed run's summary
+    if run.eval_ds is not None and run.config.eval_on_start and run.state.step == 0:
+        metrics = evaluate(run, "before")
+        if run.main:
+            dump_json(metrics, before)
+        return {"before": metrics}
+    if run.checkpoint is not None and before.is_file():
+        return {"before": json.loads(before.read_text())}
+    return {}
+
+
+def step(run: Run, stream, layout: Layout, spare: Batch, bar) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, int]:
+    """One optimizer step: its micro-batches' forward and backward passes, clipping, and the update (or, when the
+    loss or gradient is not finite, a stop or a skip). Returns the step's summed statistics (None when skipped),
+    its gradient norm and the tokens this process trained on."""
+    config, accelerator, state, model = run.config, run.accelerator, run.state, run.model
+    # The step's micro-batches, in sampler order; never past an epoch's end (its last step may be short).
+    take = min(config.gradient_accumulation_steps, run.per_epoch - state.micro_batches % run.per_epoch)
+    groups = [next(stream) for _ in range(take)]
+    batches = [b.to(accelerator.device) for b in layout.batches(groups)]  # forward passes
+    live = len(batches)  # passes of this process's own pairs; then zero-weight ones where the engine needs them
+    batches += [spare] * (engine.passes(live, accelerator) - live)
+    norm = global_norm(batches[:live], accelerator)
+    step_loss, step_stats = torch.zeros((), device=accelerator.device), None
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            logps = forward_logps(model, batch, config.logps_chunk_size)  # (2b, W)
+            loss, stats = orpo_loss(logps, batch.response, batch.nll, config.beta, norm)
+        if i >= live:  # keeps this process in step with the others; adds nothing to the gradient or the metrics
+            loss, stats = loss * 0, {k: v * 0 for k, v in stats.items()}
+        # DDP, FSDP2 and DeepSpeed average gradients over processes; the loss is already a global mean: undo that.
+        engine.backward(accelerator, loss * accelerator.num_processes, last)
+        step_loss, step_stats = step_loss + loss.detach(), add_stats(step_stats, stats)
+    # Clipping at inf when off: the norm is still measured (logged, and checked below), the gradient unchanged.
+    grad_norm = engine.plain(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf))
+    state.step += 1
+    applied = all_finite(step_loss, grad_norm, accelerator)
+    if applied:
+        run.optimizer.step()
+    elif config.on_nonfinite == "stop":
+        bar.close()  # the error line goes below the bar, not into it
+        raise nonfinite_error(state.step, step_loss, grad_norm, run.out)
+    else:
+        state.skipped_steps += 1
+        log.warning("step %d skipped: loss %.4g, gradient norm %.4g (on_nonfinite=skip)", state.step, float(step_loss), float(grad_norm))
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.micro_batches += len(groups)
+    step_tokens = sum(b.tokens for b in batches[:live])
+    state.tokens += step_tokens
+    return step_stats if applied else None, grad_norm, step_tokens
+
+
+def log_window(run: Run, window: Window, grad_norm: torch.Tensor, bar) -> None:
+    """One metrics line for the steps since the last one: the window's metrics (summed over processes), the
+    learning rate, this step's gradient norm, throughput."""
+    accelerator = run.accelerator
+    elapsed = time.perf_counter() - window.start
+    all_tokens = float(accelerator.reduce(torch.tensor(float(window.tokens), device=accelerator.device), reduction="sum"))
+    stats = window.stats
+    values = finish_metrics({k: accelerator.reduce(v, reduction="sum") for k, v in stats.items()}, run.config.beta) if stats else {}
+    values.update(
+        learning_rate=run.scheduler.get_last_lr()[0],
+        grad_norm=float(grad_norm),  # sync point
+        epoch=run.state.micro_batches / run.per_epoch,
+        tokens_per_second=all_tokens / max(elapsed, 1e-9),
+        seconds_per_step=elapsed / window.steps,
+        skipped_steps=run.state.skipped_steps,
+    )
+    run.metrics_log.write(run.state.step, values)
+    if stats:
+        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}", tok_s=f"{values['tokens_per_second']:.0f}")
+
+
+def end(run: Run, summary: dict, started: float, finish: Callable[[Path], None] | None) -> dict:
+    """Held-out metrics after training, then (main process) final/, summary.json and `finish`; returns the summary."""
+    accelerator, state, model = run.accelerator, run.state, run.model
+    if run.eval_ds is not None:
+        summary["after"] = evaluate(run, "after")
+    tokens = int(accelerator.reduce(torch.tensor(float(state.tokens - run.tokens_at_start), device=accelerator.device), reduction="sum"))
     accelerator.wait_for_everyone()
-    gathered = engine.full_state(model, accelerator, trained_only=config.lora.enabled)  # sharded weights: whole on main
-    if main:
+    gathered = engine.full_state(model, accelerator, trained_only=run.config.lora.enabled)  # sharded weights: whole on main
+    if run.main:
         check_finite(accelerator.unwrap_model(model), "final/", state=gathered)
-        summary["final_model"] = str(save_final(accelerator.unwrap_model(model), tokenizer, out / "final", gathered))
+        summary["final_model"] = str(save_final(accelerator.unwrap_model(model), run.tokenizer, run.out / "final", gathered))
         summary["steps"] = state.step
         summary["skipped_steps"] = state.skipped_steps
         summary["tokens"] = tokens  # this run's tokens (a resumed run: since it resumed), over every process
         summary["wall_seconds"] = round(time.perf_counter() - started, 1)
         summary["hardware"] = hardware(accelerator)
         summary["versions"] = framework_versions()
-        dump_json(summary, out / "summary.json")
-        write_report(out)  # report.html + plots/*.png from metrics.jsonl and summary.json
-        write_card(out / "final")  # final/README.md: the model card `orpo push` uploads
-    metrics_log.close()
-    if config.report_to:
+        dump_json(summary, run.out / "summary.json")
+        if finish is not None:
+            finish(run.out)  # what later stages add to a finished run (orpo train: report.html, final/README.md)
+    run.metrics_log.close()
+    if run.config.report_to:
         accelerator.end_training()
     return summary
+
+
+def train(config: Config, finish: Callable[[Path], None] | None = None) -> dict:
+    """Run one ORPO training job described by `config`; returns the summary written to summary.json.
+
+    `finish(run_dir)` runs on the main process once final/ and summary.json are written: `orpo train` passes
+    after.card.finish_run (report.html, plots/, final/README.md), which this stage may not import."""
+    started = time.perf_counter()
+    run = set_up(config)
+    config, state = run.config, run.state
+    summary: dict = {"data": run.report.as_dict(), "total_steps": run.total_steps, **before_training(run)}
+
+    layout = run_layout(config, run.model, run.tokenizer, config.per_device_train_batch_size, run.accelerator.device)
+    kernel = causal_lm(run.model).config._attn_implementation
+    log.info("layout: %s (%s; attention %s)", config.layout, f"{layout.max_tokens} tokens per pass" if layout.kind == "packed" else "one pass per micro-batch", kernel)
+    stream = micro_batch_stream(run.sampler, run.train_ds, state.micro_batches)
+    spare = layout.batches([[run.train_ds[0]]])[0].to(run.accelerator.device)  # for zero-weight passes (engine.passes)
+    eval_every = config.eval_interval(run.total_steps)
+    run.model.train()
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", disable=not run.accelerator.is_local_main_process)
+    window = Window(start=time.perf_counter())
+    while state.step < run.total_steps:
+        stats, grad_norm, tokens = step(run, stream, layout, spare, bar)
+        window.stats = add_stats(window.stats, stats) if stats is not None else window.stats
+        window.tokens, window.steps = window.tokens + tokens, window.steps + 1
+        bar.update(1)
+
+        logged = state.step % config.logging_steps == 0 or state.step in (1, run.total_steps)  # step 1: the warm-up's start
+        if logged:
+            log_window(run, window, grad_norm, bar)
+            window = Window(start=window.start)
+        if run.eval_ds is not None and eval_every and state.step % eval_every == 0 and state.step < run.total_steps:
+            evaluate(run, f"step {state.step}", generate=False)
+        if config.save_steps and state.step % config.save_steps == 0 and state.step < run.total_steps:
+            save_checkpoint(run.out, run.accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, state, config, run.procs)  # every process
+            if run.main:
+                prune_checkpoints(run.out, config.save_total_limit)
+        if logged:  # a log step just closed the window: time from here, not counting eval or saving
+            window.start = time.perf_counter()
+    bar.close()
+    return end(run, summary, started, finish)

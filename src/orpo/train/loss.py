@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from ..data.pairs import IGNORE
+
 _LN2 = math.log(2.0)
 _TINY = 1e-30  # keeps -expm1(x) > 0 in the branch that is discarded for x -> 0
 

@@ -41,6 +41,22 @@ def dump_json(value, path: Path) -> None:
     path.write_text(strict_json(value))
 
 
+FRAMEWORKS = ("orpo", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of orpo and the libraries it trains with (those installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in FRAMEWORKS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
 def _step(line: str) -> int | None:
     """The step of a metrics line; None for a line cut short by a crash."""
     try:

@@ -1,7 +1,7 @@
 """The packed layout's attention structure, in the form the model's attention kernel takes.
 
 Token q of a packed row may read token k when both belong to the same pair, k comes no later than q, and q
-is not a rejected token reading a chosen one (layout.py). Sliding-window layers add: position(q) -
+is not a rejected token reading a chosen one (train/layout.py). Sliding-window layers add: position(q) -
 position(k) < window, positions being those each response has alone, so a window cuts exactly where it
 would in the plain layout.
 
@@ -11,7 +11,9 @@ the kernel untouched:
 - eager: an additive float mask (0 or the dtype's minimum);
 - flex_attention: a BlockMask, whose fully masked blocks are skipped (CUDA; on the CPU torch runs it only
   without gradients). Opt-in through model.attn_implementation until it has passed the GPU check.
-Models with several layer types (Gemma 2/3, Qwen2/3) take a dict of masks keyed by layer type.
+Models with several layer types (Gemma 2/3, Qwen2/3) take a dict of masks keyed by layer type. The masks
+are built from a packed `train.layout.Batch` (its segment, role and position_ids rows); this stage comes
+before training, so it reads those fields without importing the class.
 
 On the CPU, sdpa runs as `split_attention` (registered with transformers as SPLIT): one pair at a time, the
 prompt and chosen tokens as one causal call, the rejected tokens as a second call on the prompt's and their
@@ -28,8 +30,8 @@ import functools
 import torch
 from torch.nn import functional as F
 
-from ...train.layout import CHOSEN, REJECTED, SPLIT, Batch
-
+PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3  # token roles in a packed row (train/layout.py writes them)
+SPLIT = "orpo_split_sdpa"  # the attention kernel split_attention registers: it reads a row pair by pair
 # Model types whose forward takes a prepared mask, explicit position_ids and logits_to_keep, each checked
 # against the plain layout in tests/test_layout.py. Others must use layout=plain.
 PACKED_MODEL_TYPES = (
@@ -63,7 +65,7 @@ def _window(config, layer_type: str | None) -> int | None:
     return size if layer_type == "sliding_attention" else None
 
 
-def allowed(batch: Batch, window: int | None = None) -> torch.Tensor:
+def allowed(batch, window: int | None = None) -> torch.Tensor:
     """(R, 1, L, L) bool: may query q read key k (see module doc)."""
     seg, role, pos = batch.segment, batch.role, batch.position_ids  # (R, L) each
     index = torch.arange(seg.shape[1], device=seg.device)  # (L,)
@@ -75,7 +77,7 @@ def allowed(batch: Batch, window: int | None = None) -> torch.Tensor:
     return ok[:, None]  # (R, 1, L, L)
 
 
-def _flex_mask(batch: Batch, window: int | None):
+def _flex_mask(batch, window: int | None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg, role, pos = batch.segment, batch.role, batch.position_ids
@@ -90,7 +92,7 @@ def _flex_mask(batch: Batch, window: int | None):
     return create_block_mask(mask_mod, rows, None, length, length, device=seg.device)
 
 
-def _mask(batch: Batch, config, window: int | None, dtype: torch.dtype):
+def _mask(batch, config, window: int | None, dtype: torch.dtype):
     kernel = getattr(config, "_attn_implementation", None) or "eager"
     if kernel == "flex_attention":
         return _flex_mask(batch, window)
@@ -100,7 +102,7 @@ def _mask(batch: Batch, config, window: int | None, dtype: torch.dtype):
     return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
 
 
-def model_mask(batch: Batch, config, dtype: torch.dtype):
+def model_mask(batch, config, dtype: torch.dtype):
     """The attention_mask argument for the model's forward: one mask, or a dict by layer type."""
     problem = packed_problem(config)
     if problem:

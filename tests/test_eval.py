@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import tiny_overrides
+from orpo.after.card import finish_run
 from orpo.cli import main
 from orpo.config import load_config
 from orpo.train.loop import train
@@ -20,7 +21,7 @@ def tiny_run(chat_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("assess")
     data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)
     out = tmp / "run"
-    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_new_tokens=4)))
+    train(load_config(None, tiny_overrides(chat_model_dir, data, out, max_new_tokens=4)), finish=finish_run)
     return out
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import CHATML, PAIRS, make_tokenizer, write_jsonl
 from orpo.config import load_config
 from orpo.data.pairs import (
+    IGNORE,
     DataError,
     PairSampler,
     TokenSpec,
@@ -23,7 +24,6 @@ from orpo.data.pairs import (
     tokenize_batch,
     tokenize_pair,
 )
-from orpo.train.loss import IGNORE
 
 
 @pytest.fixture(scope="module")
