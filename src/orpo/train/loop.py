@@ -331,7 +331,8 @@ def train(config: Config, finish: Callable[[Path], None] | None = None) -> dict:
     window = Window(start=time.perf_counter())
     while state.step < run.total_steps:
         stats, grad_norm, tokens = step(run, stream, layout, spare, bar)
-        window.stats = add_stats(window.stats, stats) if stats is not None else window.stats
+        if stats is not None:  # None: a skipped step (on_nonfinite=skip) adds nothing to the metrics
+            window.stats = add_stats(window.stats, stats)
         window.tokens, window.steps = window.tokens + tokens, window.steps + 1
         bar.update(1)
 
