@@ -138,7 +138,10 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int], fuse: bool =
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        # use_reentrant stated: torch warns without it (a future torch raises), and the non-reentrant form needs
+        # no input-embedding gradient hook
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.gradient_checkpointing:

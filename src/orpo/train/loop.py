@@ -300,6 +300,8 @@ def end(run: Run, summary: dict, started: float, finish: Callable[[Path], None] 
         summary["tokens"] = tokens  # this run's tokens (a resumed run: since it resumed), over every process
         summary["wall_seconds"] = round(time.perf_counter() - started, 1)
         summary["hardware"] = hardware(accelerator)
+        if accelerator.device.type == "cuda":  # this process's peak, the figure to size a GPU by
+            summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
         summary["versions"] = framework_versions()
         dump_json(summary, run.out / "summary.json")
         if finish is not None:
