@@ -3,6 +3,7 @@
 #   ./run.sh demo [key=value ...]   fine-tune the embedded SmolLM2-135M-Instruct on the generated preference set
 #   ./run.sh test [pytest args]     lint, import every module, run the test suite
 #   ./run.sh setup                  only create/update .venv
+#   ./run.sh gpu-prepare [args]     wheels and files for the GPU check into .gpu/ (bench/gpu/prepare.py; network)
 # TORCH_SPEC overrides the torch requirement (default torch==2.13.0, the CPU wheel this project is developed on).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -37,5 +38,8 @@ case "$cmd" in
     "$VENV/bin/ruff" check src tests scripts bench
     "$VENV/bin/python" -c "import importlib, pkgutil, orpo; [importlib.import_module(m.name) for m in pkgutil.walk_packages(orpo.__path__, 'orpo.')]; print('imported every orpo module')"
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+  gpu-prepare)
+    setup
+    exec "$VENV/bin/python" bench/gpu/prepare.py "$@" ;;
   *) sed -n 2,7p "$0"; exit 2 ;;
 esac

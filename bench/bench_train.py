@@ -13,6 +13,15 @@ Scenarios (fp32, no gradient checkpointing, beta 0.1, AdamW lr 1e-5, clip 1.0):
   D       SmolLM2 LoRA as A on the shared hh-rlhf pairs (real multi-turn lengths, tokenized by orpo's pipeline
           with SmolLM2's chat template), max_prompt_length 256; needs ../shared/data
 
+GPU scenarios (bench/gpu/check.py runs them; bf16, peak GPU memory allocated and reserved, MFU):
+  gpu_8b_qlora  Llama-3-8B-shaped random model, QLoRA NF4 (double quantization, bf16 compute), gradient
+                checkpointing, paged 8-bit AdamW, 2 pairs x GA 4, max_length 1,024, prompts 32-512, responses 32-640
+  gpu_1b_lora   Llama-3.2-1B-shaped random model, LoRA, bf16, the same batch and lengths
+  dry_8b_qlora, dry_1b_lora  the same settings on tiny shapes on the CPU (bench/gpu/check.py --dry-run)
+
+Systems: orpo-packed, orpo-plain, trl (the default set); orpo-flex (packed, flex_attention's block mask; CUDA),
+trl-liger (TRL with use_liger_kernel; CUDA); `SYSTEM@N` runs an orpo system with max_tokens_per_batch=N.
+
 Every system gets the same token ids in the same step order: orpo through its own loop (`orpo.train.loop.train`,
 with the data step replaced by the scenario's pairs), TRL through `ORPOTrainer.train()` (its dataset replaced
 by the same ids in its own format, read in order). A step's time runs from the end of the previous optimizer
@@ -29,6 +38,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +53,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared"
 HH_RLHF = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-SYSTEMS = ("orpo-packed", "orpo-plain", "trl")
+SYSTEMS = ("orpo-packed", "orpo-plain", "trl")  # the default set
+ALL_SYSTEMS = ("orpo-packed", "orpo-flex", "orpo-plain", "trl", "trl-liger")
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,8 @@ class Scenario:
     prompt: tuple[int, int]  # token range (random ids)
     response: tuple[int, int]
     data: str = "random"  # or "hh-rlhf"
-    device: str = "cpu"  # "cuda": bf16 autocast, peak GPU memory and MFU reported (bench/gpu.sh)
+    device: str = "cpu"  # "cuda": peak GPU memory and MFU reported (bench/gpu/check.py)
+    bf16: bool = False  # bf16 mixed precision (16-bit base weights)
     qlora: bool = False  # 4-bit NF4 base (double quantization, bf16 compute)
     grad_ckpt: bool = False
     optim: str = "adamw_torch"
@@ -70,16 +82,24 @@ SCENARIOS = {
     "C": Scenario("C", "llama3-vocab", True, 4, 1, 1024, 512, (256, 512), (128, 512)),
     "C_long": Scenario("C_long", "llama3-vocab", True, 4, 1, 1024, 512, (60, 120), (700, 900)),
     "D": Scenario("D", "smollm2", True, 2, 4, 512, 256, (0, 0), (0, 0), data="hh-rlhf"),
-    # GPU (bench/gpu.sh): random init in real dimensions, orpo-dpo-mix-like lengths, the reference recipe's settings
+    # GPU (bench/gpu/check.py): random init in real dimensions, orpo-dpo-mix-like lengths, the reference recipe's settings
     "gpu_8b_qlora": Scenario("gpu_8b_qlora", "llama3-8b-shape", True, 2, 4, 1024, 512, (32, 512), (32, 640),
-                             device="cuda", qlora=True, grad_ckpt=True, optim="paged_adamw_8bit"),
-    "gpu_1b_lora": Scenario("gpu_1b_lora", "llama3-1b-shape", True, 2, 4, 1024, 512, (32, 512), (32, 640), device="cuda"),
+                             device="cuda", bf16=True, qlora=True, grad_ckpt=True, optim="paged_adamw_8bit"),
+    "gpu_1b_lora": Scenario("gpu_1b_lora", "llama3-1b-shape", True, 2, 4, 1024, 512, (32, 512), (32, 640),
+                            device="cuda", bf16=True),
+    # the same code paths on the CPU with tiny shapes (bench/gpu/check.py --dry-run)
+    "dry_8b_qlora": Scenario("dry_8b_qlora", "tiny", True, 2, 2, 96, 48, (8, 48), (8, 40), bf16=True, qlora=True,
+                             grad_ckpt=True, optim="paged_adamw_8bit"),
+    "dry_1b_lora": Scenario("dry_1b_lora", "tiny-tied", True, 2, 2, 96, 48, (8, 48), (8, 40), bf16=True),
 }
-SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied: Llama 3 8B, Llama 3.2 1B (vocabulary 128,256)
-    "llama3-vocab": (256, 1024, 4, 4, 4, False),
-    "llama3-8b-shape": (4096, 14336, 32, 32, 8, False),
-    "llama3-1b-shape": (2048, 8192, 16, 32, 8, True),
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied, vocabulary: Llama 3 8B, Llama 3.2 1B, tiny stand-ins
+    "llama3-vocab": (256, 1024, 4, 4, 4, False, 128_256),
+    "llama3-8b-shape": (4096, 14336, 32, 32, 8, False, 128_256),
+    "llama3-1b-shape": (2048, 8192, 16, 32, 8, True, 128_256),
+    "tiny": (64, 128, 2, 4, 2, False, 49_152),
+    "tiny-tied": (64, 128, 2, 4, 2, True, 49_152),
 }
+GPU_ONLY = {"orpo-flex": "flex_attention trains on CUDA only", "trl-liger": "Liger's kernels are Triton (CUDA)"}
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}  # dense, per GPU
 
 
@@ -89,29 +109,47 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, 
 def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    hidden, inter, layers, heads, kv, tied = SHAPES[shape]
-    return LlamaConfig(vocab_size=128_256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    hidden, inter, layers, heads, kv, tied, vocab = SHAPES[shape]
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
                        tie_word_embeddings=tied, rope_theta=500_000.0)
 
 
+def tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer: ORPO_BENCH_TOKENIZER, else the copy bench/gpu/prepare.py carries to a GPU machine
+    (.gpu/tokenizer), else the embedded model's."""
+    if os.environ.get("ORPO_BENCH_TOKENIZER"):
+        return Path(os.environ["ORPO_BENCH_TOKENIZER"])
+    carried = HERE.parent / ".gpu" / "tokenizer"
+    if (carried / "tokenizer_config.json").is_file():
+        return carried
+    from orpo.model.builtin import builtin_model_dir
+
+    return builtin_model_dir()
+
+
 def random_llama_dir(cache: Path, shape: str) -> Path:
-    """A random-init Llama of `shape` with Llama 3's vocabulary, saved once (seed 0; bf16 for the GPU shapes),
-    with SmolLM2's tokenizer (only its pad id is used: the data are token ids)."""
+    """A random-init Llama of `shape`, saved once (seed 0; bf16 for the real shapes, made on the GPU when there
+    is one), with SmolLM2's tokenizer (its ids fit every shape's vocabulary)."""
     target = cache / shape
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from orpo.model.builtin import builtin_model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    dtype = torch.float32 if shape == "llama3-vocab" else torch.bfloat16
-    with torch.device("cuda" if shape != "llama3-vocab" and torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(builtin_model_dir()).save_pretrained(target)
+    real = SHAPES[shape][0] >= 2048
+    dtype = torch.bfloat16 if real else torch.float32
+    with torch.device("cuda" if real and torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=dtype)  # made in dtype: 16 GB for 8B
+    tmp = cache / f".{shape}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # this process only starts the workers: hand the memory back
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(tmp)
+    tmp.rename(target)  # a folder with config.json is complete
     return target
 
 
@@ -150,7 +188,15 @@ def model_source(s: Scenario, cache: Path) -> str:
 # ---------------------------------------------------------------- workers (one process per run)
 
 
-def orpo_worker(s: Scenario, layout: str, source: str, pairs: list[dict], steps: int, out: Path) -> list[float]:
+def parse_system(system: str) -> tuple[str, int | None]:
+    """"orpo-packed@2048" -> ("orpo-packed", 2048): a system and its max_tokens_per_batch (None: the default)."""
+    name, _, budget = system.partition("@")
+    if name not in ALL_SYSTEMS or (budget and (not name.startswith("orpo") or not budget.isdigit())):
+        raise SystemExit(f"unknown system {system!r}: one of {', '.join(ALL_SYSTEMS)}, an orpo one with @TOKENS")
+    return name, int(budget) if budget else None
+
+
+def orpo_worker(s: Scenario, system: str, source: str, pairs: list[dict], steps: int, out: Path) -> list[float]:
     import datasets
     import torch
 
@@ -165,12 +211,16 @@ def orpo_worker(s: Scenario, layout: str, source: str, pairs: list[dict], steps:
         rows[index] = pairs[j]
     dataset = datasets.Dataset.from_list(rows)
     loop.load_checked = lambda config, tokenizer: (dataset, None, None, DataReport())  # the scenario's pairs
+    name, budget = parse_system(system)
+    layout = "plain" if name == "orpo-plain" else "packed"
+    kernel = "flex_attention" if name == "orpo-flex" else "sdpa"
     config = load_config(None, [
-        f"model.name_or_path={source}", "model.attn_implementation=sdpa", f"lora.enabled={str(s.lora).lower()}",
+        f"model.name_or_path={source}", f"model.attn_implementation={kernel}", f"lora.enabled={str(s.lora).lower()}",
         "lora.r=16", "lora.alpha=32", "lora.dropout=0.05", "lora.target_modules=all-linear",
         "data.test_size=0", "eval_steps=null", "eval_on_start=false", f"layout={layout}",
         f"model.load_in_4bit={str(s.qlora).lower()}", "model.bnb_4bit_compute_dtype=bfloat16",
-        f"bf16={str(s.device == 'cuda').lower()}", f"gradient_checkpointing={str(s.grad_ckpt).lower()}", f"optim={s.optim}",
+        f"bf16={str(s.bf16).lower()}", f"gradient_checkpointing={str(s.grad_ckpt).lower()}", f"optim={s.optim}",
+        f"max_tokens_per_batch={budget if budget else 'null'}",
         f"max_length={s.max_length}", f"max_prompt_length={s.max_prompt_length}",
         f"per_device_train_batch_size={s.batch}", f"gradient_accumulation_steps={s.ga}", f"max_steps={steps}",
         "learning_rate=1e-5", "warmup_steps=0", "warmup_ratio=0", "lr_scheduler_type=linear", "max_grad_norm=1.0",
@@ -181,7 +231,7 @@ def orpo_worker(s: Scenario, layout: str, source: str, pairs: list[dict], steps:
     return [line["seconds_per_step"] for line in lines if "seconds_per_step" in line]
 
 
-def trl_worker(s: Scenario, source: str, pairs: list[dict], steps: int, out: Path) -> list[float]:
+def trl_worker(s: Scenario, source: str, pairs: list[dict], steps: int, out: Path, liger: bool = False) -> list[float]:
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model
@@ -191,6 +241,7 @@ def trl_worker(s: Scenario, source: str, pairs: list[dict], steps: int, out: Pat
     from orpo.model.builtin import builtin_model_dir
 
     path = str(builtin_model_dir()) if source == "builtin" else source
+    dtype = torch.bfloat16 if s.bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {}
     if s.qlora:
@@ -198,20 +249,21 @@ def trl_worker(s: Scenario, source: str, pairs: list[dict], steps: int, out: Pat
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    dtype = torch.bfloat16 if s.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
     if s.device == "cuda" and not s.qlora:
         model = model.to("cuda")
     if s.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.grad_ckpt)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.grad_ckpt,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if s.lora:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
     args = ORPOConfig(
         output_dir=str(out / "trl"), beta=0.1, learning_rate=1e-5, lr_scheduler_type="linear", warmup_steps=0,
         max_grad_norm=1.0, per_device_train_batch_size=s.batch, gradient_accumulation_steps=s.ga,
-        max_steps=steps, max_length=s.max_length, bf16=s.device == "cuda", gradient_checkpointing=s.grad_ckpt,
+        max_steps=steps, max_length=s.max_length, bf16=s.bf16, gradient_checkpointing=s.grad_ckpt,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, use_liger_kernel=liger,
         disable_dropout=False, use_cpu=s.device == "cpu", logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
         remove_unused_columns=False, optim=s.optim,
     )
@@ -257,13 +309,14 @@ def worker(argv: list[str]) -> None:
     s = SCENARIOS[a.scenario]
     pairs = json.loads(Path(a.pairs).read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        if a.system == "trl":
-            times = trl_worker(s, a.source, pairs, a.steps, Path(tmp))
+        if a.system.startswith("trl"):
+            times = trl_worker(s, a.source, pairs, a.steps, Path(tmp), liger=a.system == "trl-liger")
         else:
-            times = orpo_worker(s, a.system.removeprefix("orpo-"), a.source, pairs, a.steps, Path(tmp))
+            times = orpo_worker(s, a.system, a.source, pairs, a.steps, Path(tmp))
     out = {"step_seconds": times}
     if s.device == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["reserved_gpu_gib"] = torch.cuda.max_memory_reserved() / 2**30
         out["gpu"] = torch.cuda.get_device_name()
     Path(a.result).write_text(json.dumps(out))
 
@@ -272,7 +325,7 @@ def worker(argv: list[str]) -> None:
 
 
 def run_one(system: str, s: Scenario, source: str, pairs_file: Path, steps: int, timeout: int) -> dict:
-    """One worker process; its step times and its peak RSS (getrusage of the reaped child)."""
+    """One worker process: its step times and peak RSS (getrusage of the reaped child), or {"error": why}."""
     result = pairs_file.with_name(f"result-{system}-{s.name}.json")
     result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--worker", "--system", system, "--scenario", s.name, "--source", source,
@@ -292,12 +345,16 @@ def run_one(system: str, s: Scenario, source: str, pairs_file: Path, steps: int,
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         tail = log.read()[-3000:]
+    wall = time.perf_counter() - start
     if proc.returncode != 0 or not result.exists():
-        raise RuntimeError(f"{system} {s.name} failed (exit {proc.returncode}):\n{tail}")
+        why = f"timed out after {timeout} s" if wall > timeout else f"exit {proc.returncode}"
+        last = [line for line in tail.splitlines() if line.strip()][-1:] or [""]
+        print(f"{system} {s.name} failed ({why}):\n{tail}", flush=True)
+        return {"error": f"{why}: {last[0][:200]}", "wall_seconds": wall}
     out = json.loads(result.read_text())
     result.unlink()
     out["peak_rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-    out["wall_seconds"] = time.perf_counter() - start
+    out["wall_seconds"] = wall
     return out
 
 
@@ -306,7 +363,12 @@ def machine() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "trl", "accelerate", "orpo")}
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "orpo"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "-"
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": int(os.environ.get("BENCH_THREADS", "2")),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "platform": platform.platform(), **versions}
@@ -315,19 +377,20 @@ def machine() -> dict:
 def forward_flops_per_token(shape: str, context: float) -> float:
     """Forward FLOPs of one token of a Llama `shape` attending to `context` tokens: projections, attention
     scores and values, output layer."""
-    hidden, inter, layers, heads, kv, _ = SHAPES[shape]
+    hidden, inter, layers, heads, kv, _, vocab = SHAPES[shape]
     kv_dim = hidden // heads * kv
     linear = layers * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter)
-    return 2 * linear + layers * 4 * hidden * context + 2 * hidden * 128_256
+    return 2 * linear + layers * 4 * hidden * context + 2 * hidden * vocab
 
 
 def model_flops_per_step(s: Scenario, system: str, pairs: list[dict]) -> float:
     """Training FLOPs one step needs in the system's layout (no padding counted): forward, plus the backward's
     activation gradients (the base weights are frozen under LoRA/QLoRA: one more forward's worth)."""
     total = 0.0
+    packed = parse_system(system)[0] in ("orpo-packed", "orpo-flex")
     for p in pairs:
         prompt, chosen, rejected = (len(p[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        if system == "orpo-packed":  # prompt once; each response attends to the prompt and itself
+        if packed:  # prompt once; each response attends to the prompt and itself
             seqs = [(prompt + chosen, (prompt + chosen) / 2), (rejected, prompt + rejected / 2)]
         else:
             seqs = [(prompt + chosen, (prompt + chosen) / 2), (prompt + rejected, (prompt + rejected) / 2)]
@@ -335,17 +398,42 @@ def model_flops_per_step(s: Scenario, system: str, pairs: list[dict]) -> float:
     return 2 * total / len(pairs) * s.batch * s.ga
 
 
+def summarise(s: Scenario, system: str, rs: list[dict], timed_pairs: list[dict], warmup: int, steps: int) -> dict:
+    """One system's figures over its runs: medians of the timed steps, and on a GPU peak memory and MFU."""
+    failed = [r["error"] for r in rs if "error" in r]
+    rs = [r for r in rs if "error" not in r]
+    if not rs:
+        return {"error": failed[0]}
+    step_pairs = s.batch * s.ga
+    tokens_per_step = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in timed_pairs) / steps
+    med = statistics.median(t for r in rs for t in r["step_seconds"][warmup:])
+    out = {"s_per_step": med, "pairs_per_s": step_pairs / med, "tokens_per_s": tokens_per_step / med,
+           "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
+           "step_seconds": [r["step_seconds"] for r in rs], "peak_rss_each": [r["peak_rss_gib"] for r in rs],
+           "wall_seconds": [round(r["wall_seconds"], 1) for r in rs]}
+    if s.device == "cuda":
+        gpu = rs[0]["gpu"]
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+        peak = float(os.environ.get("BENCH_PEAK_TFLOPS", peak or 0)) or None
+        flops = model_flops_per_step(s, system, timed_pairs)
+        out |= {"gpu": gpu, "peak_gpu_gib": statistics.median(r["peak_gpu_gib"] for r in rs),
+                "reserved_gpu_gib": statistics.median(r["reserved_gpu_gib"] for r in rs),
+                "model_tflop_per_step": flops / 1e12, "mfu": flops / med / (peak * 1e12) if peak else None}
+    return out
+
+
 def table(results: dict, order: list[str]) -> str:
     gpu = any("peak_gpu_gib" in r for per in results.values() for r in per.values())
-    extra = " peak GPU GiB | GPU mem vs TRL | MFU |" if gpu else ""
+    extra = " peak GPU GiB (reserved) | GPU mem vs TRL | MFU |" if gpu else ""
     head = ("| scenario | system | s/step (median) | pairs/s | tokens/s | peak RSS GiB | pairs/s vs TRL | RSS vs TRL |"
             + extra + "\n|" + "---|" * (8 + (3 if gpu else 0)))
     lines = [head]
     for name in order:
         trl = results[name].get("trl")
-        for system in SYSTEMS:
-            r = results[name].get(system)
-            if r is None:
+        trl = trl if trl and "error" not in trl else None
+        for system, r in results[name].items():
+            if "error" in r:
+                lines.append(f"| {name} | {system} | {r['error']} |" + " |" * (6 + (3 if gpu else 0)))
                 continue
             speed = f"{trl['s_per_step'] / r['s_per_step']:.2f}x" if trl else "-"
             mem = f"{r['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x" if trl else "-"
@@ -354,11 +442,36 @@ def table(results: dict, order: list[str]) -> str:
             if gpu and "peak_gpu_gib" in r:
                 gmem = f"{r['peak_gpu_gib'] / trl['peak_gpu_gib']:.2f}x" if trl and "peak_gpu_gib" in trl else "-"
                 mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-                row += f" {r['peak_gpu_gib']:.1f} | {gmem} | {mfu} |"
+                row += f" {r['peak_gpu_gib']:.1f} ({r['reserved_gpu_gib']:.1f}) | {gmem} | {mfu} |"
             elif gpu:
                 row += " - | - | - |"
             lines.append(row)
     return "\n".join(lines)
+
+
+def write_results(a, inputs: dict, runs: dict, skipped: dict) -> str:
+    """bench JSON and markdown from the runs so far (rewritten after every run: a cut-off bench keeps its
+    finished runs); returns the table."""
+    results: dict = {}
+    for name, per_system in runs.items():
+        s, _, _, pairs = inputs[name]
+        timed_pairs = pairs[a.warmup * s.batch * s.ga :]
+        results[name] = {system: summarise(s, system, rs, timed_pairs, a.warmup, a.steps) for system, rs in per_system.items() if rs}
+        results[name] |= {system: {"error": f"skipped: {why}"} for system, why in skipped.get(name, {}).items()}
+    command = "python bench/bench_train.py " + " ".join(sys.argv[1:])
+    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+              "scenarios": {n: asdict(inputs[n][0]) for n in inputs}, "warmup": a.warmup, "steps": a.steps,
+              "rounds": a.rounds, "results": results}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    text = table(results, list(inputs))
+    m = record["machine"]
+    out.with_suffix(".md").write_text(
+        f"# Training benchmark\n\n`{command}` on {record['date']}: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
+        f"{m['memory_gib']} GiB; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, trl {m['trl']}.\n"
+        f"{a.rounds} interleaved runs per system, {a.warmup} warm-up + {a.steps} timed steps each; medians.\n\n{text}\n")
+    return text
 
 
 def main() -> None:
@@ -376,7 +489,12 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "orpo-bench"))
     a = ap.parse_args()
     names = a.scenarios.split(",")
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenarios {unknown}: one of {', '.join(SCENARIOS)}")
     systems = a.systems.split(",")
+    for system in systems:
+        parse_system(system)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
     inputs = {}
@@ -389,59 +507,30 @@ def main() -> None:
                 continue
             pairs = hh_rlhf_pairs(s, n)
         else:
-            pairs = random_pairs(s, n, 49_152 if s.model == "smollm2" else 128_256, seed=zlib.crc32(name.encode()))
+            vocab = 49_152 if s.model == "smollm2" else SHAPES[s.model][6]
+            pairs = random_pairs(s, n, vocab, seed=zlib.crc32(name.encode()))
         path = cache / f"pairs-{name}.json"
         path.write_text(json.dumps(pairs))
         inputs[name] = (s, model_source(s, cache), path, pairs)
-    runs: dict = {name: {system: [] for system in systems} for name in inputs}
+    import torch
+
+    cuda = torch.cuda.is_available()
+    skipped = {name: {x: GPU_ONLY[parse_system(x)[0]] for x in systems if parse_system(x)[0] in GPU_ONLY and not cuda}
+               for name in inputs}
+    runs: dict = {name: {system: [] for system in systems if system not in skipped[name]} for name in inputs}
     for rnd in range(a.rounds):
         for name, (s, source, path, _) in inputs.items():
-            rotated = systems[rnd % len(systems):] + systems[: rnd % len(systems)]  # a different system first each round
+            live = list(runs[name])
+            rotated = live[rnd % len(live):] + live[: rnd % len(live)]  # a different system first each round
             for system in rotated:
                 r = run_one(system, s, source, path, a.warmup + a.steps, a.timeout)
                 runs[name][system].append(r)
-                timed = r["step_seconds"][a.warmup:]
-                print(f"round {rnd + 1} {name:7s} {system:12s} s/step {statistics.median(timed):7.2f}  peak RSS {r['peak_rss_gib']:5.2f} GiB", flush=True)
-    results: dict = {}
-    for name, per_system in runs.items():
-        s, _, _, pairs = inputs[name]
-        step_pairs = s.batch * s.ga
-        timed_pairs = pairs[a.warmup * step_pairs :]
-        tokens_per_step = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in timed_pairs) / a.steps
-        results[name] = {}
-        for system, rs in per_system.items():
-            if not rs:
-                continue
-            times = [t for r in rs for t in r["step_seconds"][a.warmup:]]
-            med = statistics.median(times)
-            results[name][system] = {
-                "s_per_step": med, "pairs_per_s": step_pairs / med, "tokens_per_s": tokens_per_step / med,
-                "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in rs),
-                "step_seconds": [r["step_seconds"] for r in rs], "peak_rss_each": [r["peak_rss_gib"] for r in rs],
-            }
-            if s.device == "cuda":
-                gpu = rs[0]["gpu"]
-                peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-                peak = float(os.environ.get("BENCH_PEAK_TFLOPS", peak or 0)) or None
-                flops = model_flops_per_step(s, system, timed_pairs)
-                results[name][system] |= {
-                    "gpu": gpu, "peak_gpu_gib": statistics.median(r["peak_gpu_gib"] for r in rs),
-                    "model_tflop_per_step": flops / 1e12, "mfu": flops / med / (peak * 1e12) if peak else None,
-                }
-    command = "python bench/bench_train.py " + " ".join(sys.argv[1:])
-    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-              "scenarios": {n: asdict(inputs[n][0]) for n in inputs}, "warmup": a.warmup, "steps": a.steps,
-              "rounds": a.rounds, "results": results}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    text = table(results, list(inputs))
-    m = record["machine"]
-    out.with_suffix(".md").write_text(
-        f"# Training benchmark\n\n`{command}` on {record['date']}: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, "
-        f"{m['memory_gib']} GiB; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, trl {m['trl']}.\n"
-        f"{a.rounds} interleaved runs per system, {a.warmup} warm-up + {a.steps} timed steps each; medians.\n\n{text}\n")
-    print(text)
+                if "error" not in r:
+                    timed = r["step_seconds"][a.warmup:]
+                    print(f"round {rnd + 1} {name:7s} {system:12s} s/step {statistics.median(timed):7.2f}  "
+                          f"peak RSS {r['peak_rss_gib']:5.2f} GiB", flush=True)
+                write_results(a, inputs, runs, skipped)
+    print(write_results(a, inputs, runs, skipped))
 
 
 if __name__ == "__main__":

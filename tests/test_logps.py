@@ -8,6 +8,8 @@ fewer tokens than the plain rows, no full logits), so it fails when the fast pat
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -165,10 +167,10 @@ def build(model_dir, **overrides):
     return model, tokenizer
 
 
-def run_step(model, groups, layout: Layout):
+def run_step(model, groups, layout: Layout, device: torch.device | None = None):
     """One optimizer step's forward/backward: (loss, metrics, {param: grad}, per-pair mean log-probs in
-    step order, the batches)."""
-    batches = layout.batches(groups)
+    step order, the batches), its batches moved to `device` when given."""
+    batches = [b.to(device) for b in layout.batches(groups)] if device else layout.batches(groups)
     norm = global_norm(batches, ONE_PROCESS)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -310,3 +312,59 @@ def test_packed_matches_plain_under_bf16_autocast(chat_model_dir):
     scale = max(float(g.abs().max()) for g in plain[2].values())
     for name, want in plain[2].items():
         assert_close(packed[2][name], want, rtol=0, atol=5e-2 * scale, msg=name)
+
+
+# ---------------------------------------------------------------- 3. on a GPU (bench/gpu/check.py runs these)
+
+
+def gpu_or_dry_run(kernel: str) -> torch.device:
+    """CUDA when there is one. Without: the CPU inside bench/gpu's dry run (ORPO_GPU_DRY_RUN=1), so that the
+    test's code has run before a GPU machine runs it; flex_attention trains on CUDA only."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("ORPO_GPU_DRY_RUN") == "1" and kernel != "flex_attention":
+        return torch.device("cpu")
+    pytest.skip("needs CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kernel", "qlora"), [("sdpa", False), ("flex_attention", False), ("sdpa", True)],
+                         ids=["sdpa", "flex_attention", "sdpa-qlora"])
+def test_packed_matches_plain_in_bf16_on_the_gpu(wide_model_dir, kernel, qlora, record_property):
+    """bf16 autocast on CUDA, as training runs there: the packed layout through sdpa's boolean mask or
+    flex_attention's block mask (and a 4-bit NF4 base with bf16 compute) against the plain layout through sdpa,
+    within the tolerances of the CPU's bf16 test (test_packed_matches_plain_under_bf16_autocast)."""
+    device = gpu_or_dry_run(kernel)
+    if qlora:
+        pytest.importorskip("bitsandbytes")
+    extra = {"model.load_in_4bit": True, "model.bnb_4bit_compute_dtype": "bfloat16"} if qlora else {}
+    plain_model, tokenizer = build(wide_model_dir, **{"model.attn_implementation": "sdpa", **extra})
+    packed_model, _ = build(wide_model_dir, **{"model.attn_implementation": kernel, **extra})
+    for model in (plain_model, packed_model):  # (a 4-bit model is placed on the GPU as it loads)
+        if next(model.parameters()).device.type != device.type:
+            model.to(device)
+    assert causal_lm_kernel(packed_model) == kernel
+    groups, pad = groups_of(tokenized(tokenizer), 2), tokenizer.pad_token_id
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        plain = run_step(plain_model, groups, Layout("plain", pad, True, 0), device)
+        packed = run_step(packed_model, groups, Layout("packed", pad, True, 40), device)
+    assert all(b.packed for b in packed[4]) and len(packed[4]) > 1
+    logp_diff = float((torch.tensor(packed[3]) - torch.tensor(plain[3])).abs().max())
+    scale = max(float(g.abs().max()) for g in plain[2].values())
+    grad_diff = max(float((packed[2][n] - w).abs().max()) for n, w in plain[2].items()) / scale
+    record_property("max_abs_mean_logp_diff", logp_diff)
+    record_property("max_grad_diff_share", grad_diff)
+    print(f"{kernel}{' qlora' if qlora else ''} on {device}: max |mean log-prob diff| {logp_diff:.2e}, "
+          f"max |grad diff| {grad_diff:.2e} of the largest gradient, loss {packed[0]:.5f} vs {plain[0]:.5f}")
+    assert_close(torch.tensor(packed[3]), torch.tensor(plain[3]), rtol=0, atol=5e-2)
+    assert packed[0] == pytest.approx(plain[0], rel=2e-2)
+    for key in ("nll_loss", "logps/chosen", "logps/rejected", "log_odds_chosen"):
+        assert packed[1][key] == pytest.approx(plain[1][key], rel=5e-2, abs=5e-2), key
+    for name, want in plain[2].items():
+        assert_close(packed[2][name], want, rtol=0, atol=5e-2 * scale, msg=name)
+
+
+def causal_lm_kernel(model) -> str:
+    from orpo.train.logps import causal_lm
+
+    return causal_lm(model).config._attn_implementation

@@ -72,7 +72,7 @@ def test_every_readme_command_parses(line):
     if tokens[0] == "srun":
         tokens = tokens[1:]
     if tokens[0] == "./run.sh":
-        assert tokens[1] in ("demo", "test", "setup")
+        assert f"\n  {tokens[1]})" in (ROOT / "run.sh").read_text(), f"run.sh has no command {tokens[1]}"
         if tokens[1] == "demo":
             load_config(None, tokens[2:], preset=DEMO)
     elif tokens[0] == "orpo":
@@ -92,8 +92,22 @@ def test_every_readme_command_parses(line):
         assert args.config_file is None or (ROOT / args.config_file).is_file(), args.config_file
         assert tokens[split + 1] == "orpo.cli"
         check_orpo(tokens[split + 2 :])
+    elif tokens[0] == "bench/gpu/run":
+        gpu_check_parser().parse_args(tokens[1:])
     else:
         assert tokens[0] in ("head=$(scontrol", "pip", "python"), f"a README command this test does not know: {line}"
+
+
+def gpu_check_parser():
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))  # where check.py finds parts.py
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu" / "check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.parser()
 
 
 def drawn_tree() -> set[str]:

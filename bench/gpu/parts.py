@@ -1,0 +1,286 @@
+"""The GPU check's parts (bench/gpu/check.py runs them in order, each under its time cap) and the GPU
+defaults they decide. Each part fills a Part: status PASS/FAIL/SKIPPED, a reason, a one-line figure, details."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from check import Check
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench" / "bench_train.py"
+RECIPE = ROOT / "recipes" / "llama3-8b-orpo-qlora.yaml"
+WORDS = ("the model answer question data reason step value because first then result check small large time "
+         "people water city write explain number list example help change great simple better world line").split()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the parts run: the GPU's real shapes, or tiny stand-ins on the CPU."""
+
+    scenario_1b: str
+    scenario_8b: str
+    shape_8b: str
+    systems_1b: tuple[str, ...]
+    systems_8b: tuple[str, ...]
+    warmup: int
+    steps: int
+    default_budget: int  # max_tokens_per_batch the run gets by default (layout.make_layout)
+    budget_rule: str  # how that default is set
+    recipe_steps: int
+    prompt_words: tuple[int, int]
+    response_words: tuple[int, int]
+    recipe_overrides: tuple[str, ...] = ()
+
+
+ALL_1B = ("orpo-packed", "orpo-flex", "orpo-plain", "trl", "trl-liger")
+ALL_8B = ("orpo-packed", "trl", "orpo-flex", "orpo-plain")  # by priority: a cut keeps the headline first
+GPU = Plan("gpu_1b_lora", "gpu_8b_qlora", "llama3-8b-shape", ALL_1B, ALL_8B, 1, 2, 2 * 2 * 1024, "2 x batch x max_length", 3, (24, 380), (24, 480))
+DRY = Plan("dry_1b_lora", "dry_8b_qlora", "tiny", ALL_1B, ALL_8B, 1, 1, 96, "max_length, the CPU's rule", 2, (6, 30), (6, 24),
+           ("max_length=96", "max_prompt_length=48"))
+
+
+class OutOfTime(Exception):
+    """A part ran past its deadline (Check.run stopped its command)."""
+
+
+@dataclass
+class Part:
+    """One part's outcome, as results.json keeps it."""
+
+    name: str
+    cap: int
+    status: str = "SKIPPED"  # PASS, FAIL or SKIPPED
+    reason: str = ""
+    figure: str = ""
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+    table: str = ""  # a benchmark's markdown table
+
+    def line(self) -> str:
+        why = f"({self.reason})" if self.reason else ""
+        return f"{self.name:9s} {self.status}{why} {self.figure}".rstrip() + f"  [{self.seconds:.0f} s of {self.cap} s]"
+
+
+
+
+def python() -> str:
+    return sys.executable
+
+
+def orpo_command() -> list[str]:
+    """The `orpo` console script beside this Python (or on PATH: the carried wheel's), else the module."""
+    here = Path(sys.executable).parent / "orpo"
+    if here.is_file():
+        return [str(here)]
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if (Path(folder) / "orpo").is_file():
+            return [str(Path(folder) / "orpo")]
+    return [python(), "-m", "orpo.cli"]
+
+
+
+
+def junit(path: Path) -> tuple[dict[str, int], dict[str, dict], list[str]]:
+    """Counts, each test's recorded properties, and skip reasons from pytest's junit XML."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    props, skips = {}, []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "?")
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts["failed"] += 1
+        elif (skip := case.find("skipped")) is not None:
+            counts["skipped"] += 1
+            skips.append(f"{name}: {skip.get('message', '')}")
+        else:
+            counts["passed"] += 1
+        found = {p.get("name"): float(p.get("value")) for p in case.iter("property")}
+        if found:
+            props[name] = found
+    return counts, props, skips
+
+
+def part_tests(c: Check, part: Part) -> None:
+    xml, log = c.work / "tests.xml", c.out / "log-tests.txt"
+    xml.unlink(missing_ok=True)
+    rc = c.run([python(), "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rs", "-s",
+                f"--junitxml={xml}", "tests/test_logps.py", "tests/test_distributed.py"],
+               log, {"ORPO_GPU_DRY_RUN": "1"} if c.dry else None)
+    if not xml.exists():
+        part.status, part.reason = "FAIL", f"pytest exit {rc}, no report"
+        return
+    counts, props, skips = junit(xml)
+    part.details = {"counts": counts, "parity": props, "skipped": skips}
+    parity = ", ".join(f"{n.split('[')[-1].rstrip(']')} {v['max_abs_mean_logp_diff']:.1e}" for n, v in props.items())
+    part.figure = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+                   + (f"; bf16 parity max |mean log-prob diff|: {parity} (limit 5e-2)" if parity else ""))
+    if counts["failed"] or rc not in (0, 5):
+        part.status = "FAIL"
+    elif counts["passed"]:
+        part.status = "PASS"
+    else:
+        part.reason = "; ".join(sorted(set(s.split(": ", 1)[-1] for s in skips)))[:200] or "no test ran"
+
+
+def bench(c: Check, part: Part, name: str, scenario: str, systems: list[str]) -> dict:
+    """bench_train.py for `systems` on `scenario`; its results so far (also after a cut)."""
+    out = c.work / name
+    out.with_suffix(".json").unlink(missing_ok=True)
+
+    try:
+        rc = c.run([python(), BENCH, "--scenarios", scenario, "--systems", ",".join(systems), "--warmup", c.plan.warmup,
+                    "--steps", c.plan.steps, "--rounds", 1, "--timeout", int(c.deadline - time.monotonic()) + 1,
+                    "--out", out, "--cache", c.work / "cache"], c.out / f"log-{name}.txt")
+    finally:  # also after a cut: bench_train.py rewrites its results after every run
+        path, md = out.with_suffix(".json"), out.with_suffix(".md")
+        part.details = json.loads(path.read_text())["results"].get(scenario, {}) if path.exists() else {}
+        part.table = md.read_text().split("\n\n", 2)[-1].strip() if md.exists() else ""
+    failed = {s: r["error"] for s, r in part.details.items() if "error" in r and not r["error"].startswith("skipped")}
+    part.status = "FAIL" if rc or failed or len(part.details) < len(systems) else "PASS"
+    if failed:
+        part.reason = "; ".join(f"{s}: {e[:120]}" for s, e in failed.items())
+    return part.details
+
+
+def ratio_figure(results: dict) -> str:
+    """orpo packed against TRL, and flex against sdpa, in one line."""
+    ok = {s: r for s, r in results.items() if "error" not in r}
+    bits = []
+    for s, r in ok.items():
+        mem = f", {r['peak_gpu_gib']:.1f} GiB" if "peak_gpu_gib" in r else f", RSS {r['peak_rss_gib']:.2f} GiB"
+        mfu = f", MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else ""
+        bits.append(f"{s} {r['s_per_step']:.2f} s/step{mem}{mfu}")
+    if "orpo-packed" in ok and "trl" in ok:
+        p, t = ok["orpo-packed"], ok["trl"]
+        key = "peak_gpu_gib" if "peak_gpu_gib" in p else "peak_rss_gib"
+        bits.insert(0, f"packed = {t['s_per_step'] / p['s_per_step']:.2f}x TRL's pairs/s at {p[key] / t[key]:.2f}x its memory")
+    return "; ".join(bits)
+
+
+def part_bench(c: Check, part: Part, name: str, scenario: str, systems: tuple[str, ...]) -> None:
+    results = bench(c, part, name, scenario, list(systems))
+    part.figure = ratio_figure(results)
+
+
+def recipe_rows(plan: Plan, n: int, seed: int = 0) -> list[dict]:
+    """orpo-dpo-mix-like rows: a user turn, then chosen and rejected replies as whole message lists."""
+    rng = random.Random(seed)
+
+    def text(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + "."
+
+    rows = []
+    for _ in range(n):
+        user = [{"role": "user", "content": text(*plan.prompt_words)}]
+        rows.append({"source": "gpu-check", "prompt": user[0]["content"],
+                     "chosen": user + [{"role": "assistant", "content": text(*plan.response_words)}],
+                     "rejected": user + [{"role": "assistant", "content": text(*plan.response_words)}]})
+    return rows
+
+
+def part_recipe(c: Check, part: Part) -> None:
+    log, plan = c.out / "log-recipe.txt", c.plan
+    cache = c.work / "cache"
+    code = f"import sys; sys.path.insert(0, {str(BENCH.parent)!r}); import bench_train as b; from pathlib import Path; " \
+           f"print(b.random_llama_dir(Path({str(cache)!r}), {plan.shape_8b!r}))"
+    made = time.monotonic()
+    if c.run([python(), "-c", code], log):
+        raise RuntimeError("could not make the random model (log-recipe.txt)")
+    model = cache / plan.shape_8b
+    data = c.work / "recipe.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recipe_rows(plan, 8 * plan.recipe_steps + 4)))
+    run_dir, merged = c.work / "recipe-run", c.work / "recipe-merged"
+    started = time.monotonic()
+    rc = c.run([*orpo_command(), "train", RECIPE, f"model.name_or_path={model}", f"data.path={data}", "data.num_samples=null",
+                "data.test_size=4", f"max_steps={plan.recipe_steps}", f"output_dir={run_dir}", "report_to=[]",
+                *plan.recipe_overrides], log)
+    trained = time.monotonic()
+    if rc:
+        part.status, part.reason = "FAIL", f"orpo train exit {rc}"
+        return
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["seconds_per_step"] for x in lines if "seconds_per_step" in x]
+    rc = c.run([*orpo_command(), "merge", run_dir, "--dtype", "bf16", "--out", merged], log)
+    check = json.loads((merged / "orpo_merge.json").read_text()) if (merged / "orpo_merge.json").exists() else {}
+    part.details = {"model_seconds": round(started - made, 1), "train_seconds": round(trained - started, 1),
+                    "merge_seconds": round(time.monotonic() - trained, 1), "seconds_per_step": steps,
+                    "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"), "after": summary.get("after", {}),
+                    "merge_check": check}
+    gpu = f", peak GPU {summary['peak_gpu_memory_gib']:.1f} GiB" if summary.get("peak_gpu_memory_gib") else ""
+    merge = (f"merge + check {part.details['merge_seconds']:.0f} s: max |logit diff| {check['max_abs_diff']:.2e} "
+             f"(tolerance {check['tolerance']:.2e})" if check else "merge wrote no check")
+    part.figure = (f"train {summary['steps']} steps in {part.details['train_seconds']:.0f} s "
+                   f"({statistics.median(steps):.2f} s/step{gpu}); {merge}")
+    part.status = "PASS" if rc == 0 and check.get("passed") else "FAIL"
+    if part.status == "FAIL":
+        part.reason = f"orpo merge exit {rc}"
+    for path in (merged, run_dir):  # 16 GB each for the 8B shape: the disk is 64 GB
+        subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def part_budget(c: Check, part: Part) -> None:
+    half, twice = c.plan.default_budget // 2, c.plan.default_budget * 2
+    results = bench(c, part, "budget", c.plan.scenario_1b, [f"orpo-packed@{half}", f"orpo-packed@{twice}"])
+    part.figure = "; ".join(f"{s.split('@')[1]} tokens {r['s_per_step']:.2f} s/step" for s, r in results.items() if "error" not in r)
+
+
+# ---------------------------------------------------------------- the guesses, and what decides them
+
+
+def measured(c: Check, name: str, system: str) -> dict | None:
+    part = c.parts.get(name)
+    r = part.details.get(system) if part and isinstance(part.details, dict) else None
+    return r if r and "error" not in r else None
+
+
+def defaults(c: Check) -> list[str]:
+    """The GPU defaults that are guesses today, each with the measurement that decides it."""
+    mem = "peak_gpu_gib" if not c.dry else "peak_rss_gib"
+    lines = []
+    flex_test = next((v for n, v in c.parts["tests"].details.get("parity", {}).items() if "flex" in n), None) \
+        if "tests" in c.parts else None
+    compare = []
+    for name in ("bench-1b", "bench-8b"):
+        sdpa, flex = measured(c, name, "orpo-packed"), measured(c, name, "orpo-flex")
+        if sdpa and flex:
+            compare.append((name, flex["s_per_step"] / sdpa["s_per_step"], flex[mem] / sdpa[mem]))
+    text = ("packed layout's attention kernel on CUDA: today sdpa with a dense boolean mask; flex_attention "
+            "(block mask, skips masked blocks) is opt-in (model.attn_implementation). Decided by orpo-flex against "
+            "orpo-packed in bench-1b and bench-8b (s/step, peak memory) and the flex parity test. Measured: ")
+    if compare:
+        text += "; ".join(f"{n}: flex {t:.2f}x the time, {m:.2f}x the memory" for n, t, m in compare)
+        faster = flex_test is not None and all(t <= 0.95 and m <= 1.05 for _, t, m in compare)
+        text += (". Verdict: make flex_attention the CUDA default." if faster else
+                 ". Verdict: keep sdpa" + ("" if flex_test is not None else " (flex parity did not pass)") + ".")
+    else:
+        text += "nothing yet (no flex run finished)."
+    lines.append(text)
+    base = measured(c, "bench-1b", "orpo-packed")
+    runs = {c.plan.default_budget: base} if base else {}
+    for system in (c.parts["budget"].details if "budget" in c.parts else {}):
+        r = measured(c, "budget", system)
+        if r:
+            runs[int(system.split("@")[1])] = r
+    text = (f"max_tokens_per_batch on a GPU: today 2 x batch x max_length; here {c.plan.budget_rule} = "
+            f"{c.plan.default_budget}. Decided by the budget part against bench-1b's orpo-packed (s/step, peak memory). Measured: ")
+    if len(runs) > 1:
+        text += "; ".join(f"{b}: {r['s_per_step']:.2f} s/step, {r[mem]:.1f} GiB" for b, r in sorted(runs.items()))
+        best = min(runs, key=lambda b: runs[b]["s_per_step"])
+        keep = base and base["s_per_step"] <= 1.05 * runs[best]["s_per_step"]
+        text += ". Verdict: " + ("keep the default." if keep else f"make {best} (or its share of max_length) the default.")
+    else:
+        text += "nothing yet (needs bench-1b's orpo-packed and the budget part)."
+    lines.append(text)
+    return lines
