@@ -169,8 +169,10 @@ def ratio_figure(results: dict) -> str:
 
 
 def part_bench(c: Check, part: Part, name: str, scenario: str, systems: tuple[str, ...]) -> None:
-    results = bench(c, part, name, scenario, list(systems))
-    part.figure = ratio_figure(results)
+    try:
+        bench(c, part, name, scenario, list(systems))
+    finally:  # a cut part still shows the runs that finished
+        part.figure = ratio_figure(part.details)
 
 
 def recipe_rows(plan: Plan, n: int, seed: int = 0) -> list[dict]:
@@ -197,43 +199,57 @@ def part_recipe(c: Check, part: Part) -> None:
     made = time.monotonic()
     if c.run([python(), "-c", code], log):
         raise RuntimeError("could not make the random model (log-recipe.txt)")
+    model_seconds = round(time.monotonic() - made, 1)  # a few seconds when bench-8b made it already
     model = cache / plan.shape_8b
     data = c.work / "recipe.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recipe_rows(plan, 8 * plan.recipe_steps + 4)))
     run_dir, merged = c.work / "recipe-run", c.work / "recipe-merged"
+    try:
+        train_and_merge(c, part, model, data, run_dir, merged, log)
+    finally:
+        part.details["model_seconds"] = model_seconds
+        for path in (merged, run_dir):  # 16 GB each for the 8B shape: the disk is 64 GB
+            subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def train_and_merge(c: Check, part: Part, model: Path, data: Path, run_dir: Path, merged: Path, log: Path) -> None:
+    """`orpo train` with the recipe, then `orpo merge --dtype bf16`; the figure grows as each one finishes."""
+    for path in (merged, run_dir):  # a rerun starts clean (a run folder would be resumed or refused)
+        subprocess.run(["rm", "-rf", str(path)], check=False)
     started = time.monotonic()
     rc = c.run([*orpo_command(), "train", RECIPE, f"model.name_or_path={model}", f"data.path={data}", "data.num_samples=null",
-                "data.test_size=4", f"max_steps={plan.recipe_steps}", f"output_dir={run_dir}", "report_to=[]",
-                *plan.recipe_overrides], log)
-    trained = time.monotonic()
+                "data.test_size=4", f"max_steps={c.plan.recipe_steps}", f"output_dir={run_dir}", "report_to=[]",
+                *c.plan.recipe_overrides], log)
+    part.details = {"train_seconds": round(time.monotonic() - started, 1)}
     if rc:
         part.status, part.reason = "FAIL", f"orpo train exit {rc}"
         return
     summary = json.loads((run_dir / "summary.json").read_text())
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x["seconds_per_step"] for x in lines if "seconds_per_step" in x]
+    part.details |= {"seconds_per_step": steps, "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
+                     "after": summary.get("after", {})}
+    gpu = f", peak GPU {summary['peak_gpu_memory_gib']:.1f} GiB" if summary.get("peak_gpu_memory_gib") else ""
+    part.figure = (f"train {summary['steps']} steps in {part.details['train_seconds']:.0f} s "
+                   f"({statistics.median(steps):.2f} s/step{gpu})")
+    started = time.monotonic()
     rc = c.run([*orpo_command(), "merge", run_dir, "--dtype", "bf16", "--out", merged], log)
     check = json.loads((merged / "orpo_merge.json").read_text()) if (merged / "orpo_merge.json").exists() else {}
-    part.details = {"model_seconds": round(started - made, 1), "train_seconds": round(trained - started, 1),
-                    "merge_seconds": round(time.monotonic() - trained, 1), "seconds_per_step": steps,
-                    "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"), "after": summary.get("after", {}),
-                    "merge_check": check}
-    gpu = f", peak GPU {summary['peak_gpu_memory_gib']:.1f} GiB" if summary.get("peak_gpu_memory_gib") else ""
-    merge = (f"merge + check {part.details['merge_seconds']:.0f} s: max |logit diff| {check['max_abs_diff']:.2e} "
-             f"(tolerance {check['tolerance']:.2e})" if check else "merge wrote no check")
-    part.figure = (f"train {summary['steps']} steps in {part.details['train_seconds']:.0f} s "
-                   f"({statistics.median(steps):.2f} s/step{gpu}); {merge}")
+    part.details |= {"merge_seconds": round(time.monotonic() - started, 1), "merge_check": check}
+    part.figure += (f"; merge + check {part.details['merge_seconds']:.0f} s: max |logit diff| {check['max_abs_diff']:.2e} "
+                    f"(tolerance {check['tolerance']:.2e})" if check else "; merge wrote no check")
     part.status = "PASS" if rc == 0 and check.get("passed") else "FAIL"
     if part.status == "FAIL":
         part.reason = f"orpo merge exit {rc}"
-    for path in (merged, run_dir):  # 16 GB each for the 8B shape: the disk is 64 GB
-        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def part_budget(c: Check, part: Part) -> None:
     half, twice = c.plan.default_budget // 2, c.plan.default_budget * 2
-    results = bench(c, part, "budget", c.plan.scenario_1b, [f"orpo-packed@{half}", f"orpo-packed@{twice}"])
-    part.figure = "; ".join(f"{s.split('@')[1]} tokens {r['s_per_step']:.2f} s/step" for s, r in results.items() if "error" not in r)
+    try:
+        bench(c, part, "budget", c.plan.scenario_1b, [f"orpo-packed@{half}", f"orpo-packed@{twice}"])
+    finally:
+        part.figure = "; ".join(f"{s.split('@')[1]} tokens {r['s_per_step']:.2f} s/step"
+                                for s, r in part.details.items() if "error" not in r)
 
 
 # ---------------------------------------------------------------- the guesses, and what decides them
