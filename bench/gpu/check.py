@@ -120,8 +120,7 @@ class Check:
             tmp.replace(self.out / name)
 
 
-
-def environment(c: Check) -> dict:
+def environment() -> dict:
     """Versions and the device, read in a child process (this one stays off the GPU)."""
     code = ("import json, importlib.metadata as md, platform, torch\n"
             "v = {}\n"
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
     (a.out / "check.log").unlink(missing_ok=True)
     c = Check(a.out, a.work, DRY if a.dry_run else GPU, a.dry_run, caps(a.cap), a.budget)
-    c.env = environment(c)
+    c.env = environment()
     c.end = time.monotonic() + a.budget
     if not c.env["cuda"] and not a.dry_run:
         print("no CUDA device here: bench/gpu/run needs one (or --dry-run for tiny shapes on the CPU)", file=sys.stderr)
