@@ -449,7 +449,7 @@ def table(results: dict, order: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(a, inputs: dict, runs: dict, skipped: dict) -> str:
+def write_results(a, inputs: dict, runs: dict, skipped: dict, host: dict) -> str:
     """bench JSON and markdown from the runs so far (rewritten after every run: a cut-off bench keeps its
     finished runs); returns the table."""
     results: dict = {}
@@ -459,7 +459,7 @@ def write_results(a, inputs: dict, runs: dict, skipped: dict) -> str:
         results[name] = {system: summarise(s, system, rs, timed_pairs, a.warmup, a.steps) for system, rs in per_system.items() if rs}
         results[name] |= {system: {"error": f"skipped: {why}"} for system, why in skipped.get(name, {}).items()}
     command = "python bench/bench_train.py " + " ".join(sys.argv[1:])
-    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": host,
               "scenarios": {n: asdict(inputs[n][0]) for n in inputs}, "warmup": a.warmup, "steps": a.steps,
               "rounds": a.rounds, "results": results}
     out = Path(a.out)
@@ -518,6 +518,7 @@ def main() -> None:
     skipped = {name: {x: GPU_ONLY[parse_system(x)[0]] for x in systems if parse_system(x)[0] in GPU_ONLY and not cuda}
                for name in inputs}
     runs: dict = {name: {system: [] for system in systems if system not in skipped[name]} for name in inputs}
+    host = machine()
     for rnd in range(a.rounds):
         for name, (s, source, path, _) in inputs.items():
             live = list(runs[name])
@@ -529,8 +530,8 @@ def main() -> None:
                     timed = r["step_seconds"][a.warmup:]
                     print(f"round {rnd + 1} {name:7s} {system:12s} s/step {statistics.median(timed):7.2f}  "
                           f"peak RSS {r['peak_rss_gib']:5.2f} GiB", flush=True)
-                write_results(a, inputs, runs, skipped)
-    print(write_results(a, inputs, runs, skipped))
+                write_results(a, inputs, runs, skipped, host)
+    print(write_results(a, inputs, runs, skipped, host))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 
 from orpo.cli import _split_args, parse
 from orpo.config import DEMO, load_config
+from test_gpu_check import load_check
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDERS = {"my.yaml", "my-config.yaml", "CONFIG", "CONFIG.yaml"}  # stand for the reader's own file
@@ -93,21 +94,10 @@ def test_every_readme_command_parses(line):
         assert tokens[split + 1] == "orpo.cli"
         check_orpo(tokens[split + 2 :])
     elif tokens[0] == "bench/gpu/run":
-        gpu_check_parser().parse_args(tokens[1:])
+        load_check().parser().parse_args(tokens[1:])
     else:
         assert tokens[0] in ("head=$(scontrol", "pip", "python"), f"a README command this test does not know: {line}"
 
-
-def gpu_check_parser():
-    import importlib.util
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench" / "gpu"))  # where check.py finds parts.py
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu" / "check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.parser()
 
 
 def drawn_tree() -> set[str]:

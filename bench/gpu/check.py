@@ -97,13 +97,14 @@ class Check:
             part.reason = f"{left:.0f} s left of the {self.budget} s budget"
             self.say(part.line())
             return self.write()
-        self.deadline = time.monotonic() + min(cap, left)
+        limit = min(cap, int(left))
         started = time.monotonic()
-        self.say(f"--- {name} (cap {min(cap, int(left))} s)")
+        self.deadline = started + limit
+        self.say(f"--- {name} (cap {limit} s)")
         try:
             body(part)
         except OutOfTime:
-            part.status, part.reason = "FAIL", f"stopped at its {min(cap, int(left))} s cap"
+            part.status, part.reason = "FAIL", f"stopped at its {limit} s cap"
         except Exception as exc:  # a broken part is reported, and the next one runs
             part.status, part.reason = "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}"
         part.seconds = time.monotonic() - started
