@@ -307,8 +307,9 @@ def end(run: Run, summary: dict, started: float, finish: Callable[[Path], None] 
         if finish is not None:
             finish(run.out)  # what later stages add to a finished run (orpo train: report.html, final/README.md)
     run.metrics_log.close()
-    if run.config.report_to:
-        accelerator.end_training()
+    accelerator.wait_for_everyone()  # every process leaves together, after main has written final/ ...
+    accelerator.end_training()  # ... then trackers finish and the process group goes: a process that exits with
+    # its gloo group still up can abort ("terminate called without an active exception")
     return summary
 
 
