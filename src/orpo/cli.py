@@ -85,6 +85,19 @@ def cmd_chat(args) -> int:
                     _remote_code(args))
 
 
+def cmd_export(args) -> int:
+    from .after.export import run_export
+
+    return run_export(args.target, args.gguf, args.type, args.quantize or [], args.modelfile, args.force, _remote_code(args))
+
+
+def cmd_serve(args) -> int:
+    from .after.serve import run_serve
+
+    return run_serve(args.target, engine=args.engine, host=args.host, port=args.port, api_key=args.api_key,
+                     print_only=args.print, overrides=_remote_code(args))
+
+
 def cmd_report(args) -> int:
     from .after.report import run_report
 
@@ -171,6 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_chat)
+    p = command("export", "a run or model -> one GGUF file for llama.cpp and Ollama, read back and checked")
+    p.add_argument("target", help="run folder (an adapter is merged first), merged model folder, 'builtin' or model folder")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type (default f16)")
+    p.add_argument("--quantize", nargs="+", metavar="QUANT", help="also K-quants by llama.cpp, e.g. Q4_K_M (needs orpo[serve] or llama-quantize)")
+    p.add_argument("--modelfile", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
+    p.add_argument("--force", action="store_true", help="replace outputs that exist")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
+    p.set_defaults(func=cmd_export)
+    p = command("serve", "an OpenAI-compatible server for a run, model or GGUF: llama.cpp (CPU) or vLLM (CUDA)")
+    p.add_argument("target", help="run folder, merged model folder, model folder, 'builtin' or a .gguf file")
+    p.add_argument("--engine", choices=["llama-cpp", "vllm"], help="default: vllm with CUDA, else llama-cpp")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this key from clients (set it whenever --host is not loopback)")
+    p.add_argument("--print", action="store_true", help="print the engine's command instead of running it")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
+    p.set_defaults(func=cmd_serve)
     p = command("report", "rebuild a run's report.html and plots/*.png")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)

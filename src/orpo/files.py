@@ -1,4 +1,4 @@
-"""Where orpo writes, and how: its cache folder, and folders written as a whole or not at all.
+"""Where orpo writes, and how: its cache folder, and folders and files written as a whole or not at all.
 
 Used by every stage (the tokenized-data cache, the converted builtin model, final/, checkpoints), so it imports
 nothing of orpo.
@@ -49,3 +49,18 @@ def atomic_folder(final: Path, main: bool = True, barrier=lambda: None):
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     barrier()
+
+
+@contextmanager
+def atomic_file(final: Path):
+    """Write one file as a whole or not at all: yields a temporary sibling path (same folder, same suffix, so
+    tools that look at the suffix accept it), renamed to `final` on success and removed on any error, which
+    propagates unchanged."""
+    tmp = final.with_name(f".{final.stem}.partial{final.suffix}")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)

@@ -60,9 +60,7 @@ def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: 
     target = resolve(str(run_dir), overrides)
     if target.kind != "run":
         raise ValueError(f"{run_dir} is not a run folder (config.yaml + final/)")
-    model, tokenizer = load(target, dtype="float32", quantized=False)
-    if target.is_adapter:
-        model = model.merge_and_unload()  # in fp32
+    model, tokenizer = merged_model(target)
     model = model.to(getattr(torch, DTYPES[dtype]))  # one rounding per weight
     eot = end_of_turn_id(tokenizer)
     model.generation_config.eos_token_id = eot
@@ -76,6 +74,27 @@ def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: 
     tokenizer.save_pretrained(out)
     shutil.copy(run_dir / "config.yaml", out / MERGED_CONFIG)
     return out
+
+
+def merged_model(target):
+    """(fp32 model with the run's adapter folded in, tokenizer); a merged folder or full run as it is."""
+    model, tokenizer = load(target, dtype="float32", quantized=False)
+    if target.is_adapter:
+        model = model.merge_and_unload()  # in fp32
+    return plain(model), tokenizer
+
+
+def plain(model):
+    """A base loaded from a GGUF file (model.gguf_file) is dequantized to plain fp32 weights, yet transformers
+    keeps it marked as GGUF-quantized and refuses to save it: the mark goes, the weights stay."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts: list[str] = PROMPTS,

