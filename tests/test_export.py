@@ -18,10 +18,13 @@ from orpo.cli import main
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}], [{"role": "user", "content": "Add 2 and 3."}]]
 # (model type, config fields): tied and untied output, grouped-query attention (4 heads, 2 key/value heads
 # everywhere), biases (Qwen2), q/k norms (Qwen3, Gemma 3), sliding windows (Mistral, Gemma 2/3), soft-capping
-# (Gemma 2), fused q/k/v and gate/up (Phi-3), rope bases per layer type (Gemma 3).
+# (Gemma 2), fused q/k/v and gate/up (Phi-3), rope bases per layer type (Gemma 3), Llama 3.1's rope scaling.
 ARCHES = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "llama": ("llama", {"tie_word_embeddings": False}),
+    "llama3.1-rope": ("llama", {"tie_word_embeddings": True, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}),
     "mistral": ("mistral", {"sliding_window": 16, "tie_word_embeddings": False}),
     "qwen2": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3": ("qwen3", {"head_dim": 16, "tie_word_embeddings": False}),

@@ -62,3 +62,37 @@ def test_the_modelfile_names_the_file_and_the_stop(smol):
     text = (smol[1] / "Modelfile").read_text()
     assert text.startswith("FROM ./model.q8_0.gguf\n")
     assert 'PARAMETER stop "<|im_end|>"' in text and "<|im_start|>assistant" in text
+
+
+def test_llama3_rope_scaling_reaches_llama_cpp(tmp_path, monkeypatch):
+    """Llama 3.1-style rope scaling travels as the rope_freqs tensor: llama.cpp's logits on a tiny scaled model
+    match transformers' in f32, and without the tensor they do not."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    from orpo.after import export
+    from test_export import tiny
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    model, tokenizer = tiny("llama", {"tie_word_embeddings": True, "rope_parameters": rope})
+    with torch.no_grad():  # peaked attention, so that where each token sits (the rotation) shows in the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
+    ids = tokenizer("The capital of France is Paris. Waves fold into foam, salt wind carries the gull's cry.")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+    def llama_cpp_diff(path):
+        export.write_gguf(model, tokenizer, path, "f32", name="rope")
+        llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+        llm.eval(ids)
+        return float(np.abs(np.asarray(llm.scores[: len(ids)]) - want).max()) / float(np.abs(want).max())
+
+    scaled = llama_cpp_diff(tmp_path / "scaled.gguf")
+    monkeypatch.setattr(export, "rope_factors", lambda config: None)
+    unscaled = llama_cpp_diff(tmp_path / "unscaled.gguf")
+    print(f"llama3 rope: llama.cpp vs transformers, max |logit diff| / max |logit|: {scaled:.2e} with rope_freqs, {unscaled:.2e} without")
+    assert scaled < 1e-3 < unscaled

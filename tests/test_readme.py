@@ -96,7 +96,8 @@ def test_every_readme_command_parses(line):
     elif tokens[0] == "bench/gpu/run":
         load_check().parser().parse_args(tokens[1:])
     else:
-        assert tokens[0] in ("head=$(scontrol", "pip", "python"), f"a README command this test does not know: {line}"
+        # other programs: slurm, pip, python, and ollama (the Modelfile it reads is checked in tests/test_llama_cpp.py)
+        assert tokens[0] in ("head=$(scontrol", "pip", "python", "ollama"), f"a README command this test does not know: {line}"
 
 
 

@@ -132,6 +132,21 @@ def gguf_tensors(model, arch: Arch, permute: bool = True):
         yield name, w.numpy()
 
 
+def rope_factors(config) -> np.ndarray | None:
+    """Llama 3.1-style rope scaling as llama.cpp takes it: per rotary frequency, the divisor of its angle
+    (the default inverse frequency over transformers' scaled one), written as the `rope_freqs` tensor."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    full, _ = rope(config)
+    if full.get("rope_type") != "llama3":
+        return None
+    heads = config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    default = 1.0 / (float(full["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    return (default / scaled.to(torch.float64)).to(torch.float32).numpy()
+
+
 def encode_tensor(data: np.ndarray, kind: str):
     """(array to write, raw GGML type or None): 1-D tensors (norms, biases) stay f32, as llama.cpp keeps them."""
     import gguf
@@ -190,8 +205,8 @@ def write_hparams(writer, config, arch: Arch, file_type: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(factor))
         writer.add_rope_scaling_orig_ctx_len(int(full["original_max_position_embeddings"]))
-    elif kind not in ("default", None):
-        raise ExportError(f"rope scaling '{kind}' is not exported yet (supported: none, linear, yarn)")
+    elif kind not in ("default", "llama3", None):  # llama3: the rope_freqs tensor (rope_factors)
+        raise ExportError(f"rope scaling '{kind}' is not exported yet (supported: none, linear, yarn, llama3)")
     window = getattr(config, "sliding_window", None)
     uses_window = "sliding_attention" in (getattr(config, "layer_types", None) or []) or arch.name in ("GEMMA2", "PHI3")
     layer_types = getattr(config, "layer_types", None) or []
@@ -305,6 +320,9 @@ def write_gguf(model, tokenizer, path: Path, kind: str, name: str, permute: bool
     for gname, data in gguf_tensors(model, arch, permute):
         array, raw = encode_tensor(data, kind)
         writer.add_tensor(gname, array, raw_dtype=raw)  # quantized bytes: the writer derives the shape
+    factors = rope_factors(model.config)
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
@@ -361,8 +379,11 @@ def check_gguf(path: Path, source, tokenizer, prompts: list[list[dict[str, str]]
     from ..data.pairs import prompt_ids
 
     back, read = read_back(path, source)
+    all_ids = prompt_ids(tokenizer, prompts)
+    for model in (source, back):  # the process's first CPU forward can take other kernels (seen: 1e-4 of the
+        model(input_ids=torch.tensor([all_ids[0]]))  # largest logit off its later forwards): not the file's doing
     diff, scale, agree, n = 0.0, 0.0, 0.0, 0
-    for ids in prompt_ids(tokenizer, prompts):
+    for ids in all_ids:
         x = torch.tensor([ids])
         want, got = source(input_ids=x).logits[0].float(), back(input_ids=x).logits[0].float()
         diff = max(diff, float((want - got).abs().max()))
