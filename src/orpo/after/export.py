@@ -23,6 +23,7 @@ come from llama.cpp itself (`quantize`), from the f16 file.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -426,12 +427,8 @@ NO_QUANTIZER = ("--quantize {} needs llama.cpp's quantizer: pip install 'orpo[se
 
 def quantizer() -> tuple[str, str] | None:
     """('python', module) when llama-cpp-python is installed, ('binary', path) for llama-quantize on PATH."""
-    try:
-        import llama_cpp  # noqa: F401
-
+    if importlib.util.find_spec("llama_cpp") is not None:
         return "python", "llama_cpp"
-    except ImportError:
-        pass
     binary = shutil.which("llama-quantize")
     return ("binary", binary) if binary else None
 
