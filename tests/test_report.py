@@ -100,3 +100,36 @@ def test_a_torn_last_metrics_line_is_left_out(tmp_path):
     assert main(["report", str(run)]) == 0 and (run / "plots" / "loss.png").is_file()
     (run / "metrics.jsonl").write_text('{"step": 1, "lo\n' + "\n".join(whole) + "\n")
     assert main(["report", str(run)]) == 1
+
+
+def test_preference_accuracy_carries_its_standard_error_everywhere(report_run, capsys):
+    """summary.json, the eval table, report.html and the model card: the share of pairs ± its binomial
+    standard error, sqrt(p (1 - p) / n) over the n held-out pairs."""
+    import json
+    import math
+
+    from orpo.after.eval import table
+
+    summary = json.loads((report_run / "summary.json").read_text())
+    for side in ("before", "after"):
+        m = summary[side]
+        assert m["pairs"] == summary["data"]["eval_pairs"] == 4
+        p = m["rewards/accuracies"]
+        assert m["rewards/accuracies_se"] == pytest.approx(math.sqrt(p * (1 - p) / 4))
+    shown = f"{100 * summary['after']['rewards/accuracies']:.1f}% ± {100 * summary['after']['rewards/accuracies_se']:.1f}"
+    assert shown in table(["before", "after"], [summary["before"], summary["after"]])
+    assert shown in (report_run / "report.html").read_text()
+    assert shown in (report_run / "final" / "README.md").read_text()
+
+
+def test_standard_error_cells():
+    from orpo.train.heldout import change_cell, metric_cell, standard_error
+
+    assert standard_error(0.5, 100) == pytest.approx(0.05) and standard_error(1.0, 8) == 0.0
+    before = {"rewards/accuracies": 0.4, "rewards/accuracies_se": 0.03, "loss": 1.5}
+    after = {"rewards/accuracies": 0.875, "rewards/accuracies_se": 0.04, "loss": 1.25}
+    assert metric_cell(after, "rewards/accuracies", True) == "87.5% ± 4.0"
+    assert change_cell(before, after, "rewards/accuracies", True) == "+47.5 pt ± 5.0"
+    assert metric_cell(after, "loss", False) == "1.2500" and change_cell(before, after, "loss", False) == "-0.2500"
+    assert metric_cell({"rewards/accuracies": 0.5}, "rewards/accuracies", True) == "50.0%"  # an older summary
+    assert change_cell({}, after, "loss", False) == ""

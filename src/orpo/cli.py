@@ -98,6 +98,12 @@ def cmd_serve(args) -> int:
                      print_only=args.print, overrides=_remote_code(args))
 
 
+def cmd_compare(args) -> int:
+    from .after.compare import run_compare
+
+    return run_compare(args.runs, args.out)
+
+
 def cmd_report(args) -> int:
     from .after.report import run_report
 
@@ -202,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", help="print the engine's command instead of running it")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_serve)
+    p = command("compare", "runs side by side: config keys that differ, held-out metrics, overlaid curves (one HTML page)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (e.g. runs/*)")
+    p.add_argument("--out", default="compare.html", help="the page to write (default compare.html)")
+    p.set_defaults(func=cmd_compare)
     p = command("report", "rebuild a run's report.html and plots/*.png")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)

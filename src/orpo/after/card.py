@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..config import BUILTIN, BUILTIN_HUB_ID, Config, load_config
-from ..train.heldout import HELD_OUT_ROWS, format_metric
+from ..train.heldout import HELD_OUT_ROWS, change_cell, metric_cell
 from ..train.tracking import framework_versions
 from .report import PLOTS, read_metrics, write_plots, write_report
 from .runs import MERGED_CONFIG
@@ -127,10 +127,12 @@ def model_card(repo: str, config: Config, kind: str, summary: dict, metrics: lis
     before, after = summary.get("before", {}), summary.get("after", {})
     if after:
         lines += ["## Held-out evaluation", "", f"{summary.get('data', {}).get('eval_pairs', '?')} held-out pairs.", "",
-                  "| metric | before | after |", "| --- | --- | --- |"]
+                  "| metric | before | after | change |", "| --- | --- | --- | --- |"]
         for label, key, pct in HELD_OUT_ROWS:
             if key in after:
-                lines.append(f"| {label} | {format_metric(before.get(key), pct)} | {format_metric(after[key], pct)} |")
+                lines.append(f"| {label} | {metric_cell(before, key, pct)} | {metric_cell(after, key, pct)} | {change_cell(before, after, key, pct)} |")
+        if "rewards/accuracies_se" in after:
+            lines.append("\n± one binomial standard error of the share (for a change, the two combined).")
         lines.append("")
     train_lines = [m for m in metrics if "loss" in m]
     if train_lines:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..data.pairs import load_pairs, to_messages
-from ..train.heldout import HELD_OUT_ROWS, format_metric, generate_replies
+from ..train.heldout import HELD_OUT_ROWS, change_cell, format_metric, generate_replies, metric_cell
 from ..train.tracking import strict_json
 from .runs import Target, load, resolve
 
@@ -54,18 +54,18 @@ def evaluate_target(target: Target, samples: int = 8, generate: bool = True, har
 
 def table(names: list[str], results: list[dict]) -> str:
     """Metric rows, one column per model, and the change from the first to the last column."""
-    width = max(14, *(len(n) + 2 for n in names))
+    width = max(16, *(len(n) + 2 for n in names))
     head = f"{'held-out metric':<24}" + "".join(f"{n:>{width}}" for n in names)
-    lines = [head + (f"{'change':>12}" if len(results) > 1 else "")]
+    lines = [head + (f"{'change':>18}" if len(results) > 1 else "")]
     for label, key, pct in HELD_OUT_ROWS:
-        values = [r.get(key) for r in results]
-        if all(v is None for v in values):
+        if all(r.get(key) is None for r in results):
             continue
-        line = f"{label:<24}" + "".join(f"{format_metric(v, pct):>{width}}" for v in values)
-        if len(results) > 1 and None not in (values[0], values[-1]):
-            delta = values[-1] - values[0]
-            line += f"{(f'{100 * delta:+.1f} pt' if pct else f'{delta:+.4f}'):>12}"
-        lines.append(line)
+        line = f"{label:<24}" + "".join(f"{metric_cell(r, key, pct):>{width}}" for r in results)
+        if len(results) > 1:
+            line += f"{change_cell(results[0], results[-1], key, pct):>18}"
+        lines.append(line.rstrip())
+    if any("rewards/accuracies_se" in r for r in results):
+        lines.append("(± one binomial standard error; for a change, the two combined)")
     return "\n".join(lines)
 
 

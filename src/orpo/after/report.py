@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import BUILTIN, BUILTIN_HUB_ID
 from ..data.sources import dropped_words
-from ..train.heldout import HELD_OUT_ROWS, format_metric
+from ..train.heldout import HELD_OUT_ROWS, change_cell, metric_cell
 
 # (file stem, title, y-axis label, metric keys drawn together); each key is drawn for train and, prefixed eval_,
 # for eval.
@@ -59,23 +59,29 @@ def series(lines: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot(lines: list[dict], title: str, keys: list[str], ylabel: str = "") -> bytes | None:
-    """One PNG: each key's train curve (solid) and eval points (dashed, markers); None when nothing to draw.
-    Steps are whole numbers on the x axis however short the run."""
+    """One PNG: each key's train curve (solid) and eval points (dashed, markers); None when nothing to draw."""
+    curves = []
+    for i, key in enumerate(keys):
+        for name in (key, f"eval_{key}"):
+            steps, values = series(lines, name)
+            curves.append((("eval " if name.startswith("eval_") else "train ") + key, f"C{i}", name.startswith("eval_"), steps, values))
+    return curves_png(curves, title, ylabel)
+
+
+def curves_png(curves: list[tuple[str, str, bool, list[int], list[float]]], title: str, ylabel: str) -> bytes | None:
+    """(label, colour, is_eval, steps, values) -> one PNG, eval curves dashed with markers; None when every curve
+    is empty. Steps are whole numbers on the x axis however short the run."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    curves = [c for c in curves if c[3]]
+    if not curves:
+        return None
     fig = Figure(figsize=(5.6, 3.4), dpi=100)
     ax = fig.add_subplot()
-    drawn = 0
-    for i, key in enumerate(keys):
-        colour = f"C{i}"
-        for name, style in ((key, dict(linestyle="-")), (f"eval_{key}", dict(linestyle="--", marker="o"))):
-            steps, values = series(lines, name)
-            if steps:
-                ax.plot(steps, values, color=colour, label=("eval " if name.startswith("eval_") else "train ") + key, **style)
-                drawn += 1
-    if not drawn:
-        return None
+    for label, colour, is_eval, steps, values in curves:
+        style = dict(linestyle="--", marker="o") if is_eval else dict(linestyle="-")
+        ax.plot(steps, values, color=colour, label=label, **style)
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
@@ -112,11 +118,10 @@ def before_after_html(summary: dict) -> str:
         b, a = before.get(key), after.get(key)
         if b is None and a is None:
             continue
-        change = ""
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            change = f"{100 * (a - b):+.1f} pt" if pct else f"{a - b:+.4f}"
-        rows.append(f"<tr><td>{label}</td><td>{format_metric(b, pct)}</td><td>{format_metric(a, pct)}</td><td>{change}</td></tr>")
-    return "<table><tr><th>held-out metric</th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows) + "</table>"
+        cells = (metric_cell(before, key, pct), metric_cell(after, key, pct), change_cell(before, after, key, pct))
+        rows.append(f"<tr><td>{label}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    note = "<p class=note>± one binomial standard error (for a change, the two combined).</p>" if "rewards/accuracies_se" in after else ""
+    return "<table><tr><th>held-out metric</th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows) + "</table>" + note
 
 
 def samples_html(summary: dict) -> str:
@@ -143,7 +148,7 @@ def samples_html(summary: dict) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1180px;color:#222}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}
 th{background:#f2f2f2}.ok{background:#e6f6e6}.bad{background:#fbe9e9}.plots{display:flex;flex-wrap:wrap;gap:8px}
-.plots img{width:560px;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}"""
+.plots img{width:560px;border:1px solid #eee}pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}.note{color:#555;font-size:13px}"""
 
 
 def duration(seconds: float) -> str:

@@ -7,6 +7,7 @@ finished run, so both report the same numbers.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -37,11 +38,37 @@ HELD_OUT_ROWS = [
 ]
 
 
-def format_metric(value, pct: bool) -> str:
-    """'87.5%' for shares, '0.3388' otherwise, '-' when missing."""
+def format_metric(value, pct: bool, se: float | None = None) -> str:
+    """'87.5%' for shares ('87.5% ± 3.0' with a standard error), '0.3388' otherwise, '-' when missing."""
     if not isinstance(value, (int, float)):
         return "-"
-    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
+    if not pct:
+        return f"{value:.4f}"
+    return f"{100 * value:.1f}%" + (f" ± {100 * se:.1f}" if isinstance(se, (int, float)) else "")
+
+
+def standard_error(share: float, n: int) -> float:
+    """The binomial standard error of a share measured on n items: sqrt(p (1 - p) / n). It is 0 at p = 0 or 1,
+    where it understates the uncertainty of a small set."""
+    return math.sqrt(share * (1 - share) / n) if n > 0 else float("nan")
+
+
+def metric_cell(result: dict, key: str, pct: bool) -> str:
+    """A table cell: the metric with its standard error (`KEY_se`) when the result has one."""
+    return format_metric(result.get(key), pct, result.get(f"{key}_se"))
+
+
+def change_cell(before: dict, after: dict, key: str, pct: bool) -> str:
+    """'+47.5 pt ± 5.2' (the standard error of the difference, the two taken as independent: conservative for the
+    same pairs measured twice), '+0.1234' for other metrics, '' when either side is missing."""
+    b, a = before.get(key), after.get(key)
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return ""
+    if not pct:
+        return f"{a - b:+.4f}"
+    ses = [before.get(f"{key}_se"), after.get(f"{key}_se")]
+    spread = f" ± {100 * math.hypot(*ses):.1f}" if all(isinstance(v, (int, float)) for v in ses) else ""
+    return f"{100 * (a - b):+.1f} pt{spread}"
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:
@@ -96,7 +123,10 @@ def preference_metrics(
             bar.update(len(group or []))
     model.train(was_training)
     total = {k: reduce(v) for k, v in total.items()}
-    return finish_metrics(total, beta)
+    metrics = finish_metrics(total, beta)
+    metrics["pairs"] = int(total["pairs"])
+    metrics["rewards/accuracies_se"] = standard_error(metrics["rewards/accuracies"], metrics["pairs"])
+    return metrics
 
 
 @torch.no_grad()
@@ -177,6 +207,7 @@ def evaluate_all(config: Config, model, tokenizer, eval_ds, eval_raw, accelerato
             show_progress=accelerator.is_local_main_process,
         )
         metrics["task_accuracy"] = acc
+        metrics["task_accuracy_se"] = standard_error(acc, len(eval_raw))
         metrics["samples"] = [{"prompt": r["prompt"][-1]["content"], "reply": reply, "correct": ok} for r, reply, ok in samples[:8]]
     log.info("%s eval: %s", label, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     return metrics
