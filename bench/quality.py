@@ -45,10 +45,12 @@ COMMON = {"lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05, "per_device_trai
           "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1, "warmup_ratio": 0.1,
           "lr_scheduler_type": "linear", "optim": "adamw_torch", "gradient_checkpointing": False,
           "eval_on_start": True, "eval_steps": 0.5, "save_steps": None, "logging_steps": 2, "seed": 0}
-CANDIDATES = [
-    Setting("lr1e-3-2ep", {"learning_rate": 1e-3, "num_train_epochs": 2, "beta": 0.1}),
-    Setting("lr3e-4-2ep", {"learning_rate": 3e-4, "num_train_epochs": 2, "beta": 0.1}),
-    Setting("lr1e-3-2ep-beta0.5", {"learning_rate": 1e-3, "num_train_epochs": 2, "beta": 0.5}),
+CANDIDATES = [  # orca: 160 long pairs, 2 epochs fit the budget; hh: 600 short pairs, one epoch does
+    Setting("lr1e-3-2ep", {"learning_rate": 1e-3, "num_train_epochs": 2, "beta": 0.1}, sets=("orca",)),
+    Setting("lr3e-4-2ep", {"learning_rate": 3e-4, "num_train_epochs": 2, "beta": 0.1}, sets=("orca",)),
+    Setting("lr1e-3-2ep-beta0.5", {"learning_rate": 1e-3, "num_train_epochs": 2, "beta": 0.5}, sets=("orca",)),
+    # hh: one setting fits the session that ran it: orca's best (its validation choice), one epoch
+    Setting("lr1e-3-1ep-beta0.5", {"learning_rate": 1e-3, "num_train_epochs": 1, "beta": 0.5}, sets=("hh",)),
 ]
 LENGTHS = {"orca": {"max_length": 512, "max_prompt_length": 256}, "hh": {"max_length": 256, "max_prompt_length": 160}}
 
@@ -112,13 +114,18 @@ def held_out(spec: str, files: dict[str, Path], name: str, setting: Setting) -> 
     return {k: v for k, v in metrics.items() if k != "samples"}
 
 
-def run_setting(files, name: str, setting: Setting, work: Path) -> Result:
+def run_setting(files, name: str, setting: Setting, work: Path, reuse: bool = False) -> Result:
+    """Train (or, with `reuse`, read a finished run of the same setting back) and report validation metrics."""
     from orpo.train.loop import train
 
     out = work / name / setting.name
-    started = time.perf_counter()
-    summary = train(config_for(files, name, setting, out))
-    wall = time.perf_counter() - started
+    if reuse and (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+        wall = summary["wall_seconds"]
+    else:
+        started = time.perf_counter()
+        summary = train(config_for(files, name, setting, out))
+        wall = time.perf_counter() - started
     print(f"{name} {setting.name}: {summary['steps']} steps in {wall:.0f} s, validation accuracy "
           f"{summary['before']['rewards/accuracies']:.3f} -> {summary['after']['rewards/accuracies']:.3f}", flush=True)
     return Result(name, setting.name, setting.overrides, round(wall, 1), summary["steps"], summary["before"], summary["after"])
@@ -155,7 +162,7 @@ def trl_run(files, name: str, setting: Setting, work: Path) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
     args = ORPOConfig(
         output_dir=str(work / name / "trl"), beta=config.beta, learning_rate=config.learning_rate, lr_scheduler_type="linear",
-        warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm, per_device_train_batch_size=config.per_device_train_batch_size,
+        warmup_steps=config.warmup_steps or config.warmup_ratio, max_grad_norm=config.max_grad_norm, per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.num_train_epochs,
         max_length=config.max_length, disable_dropout=False, use_cpu=True, logging_steps=config.logging_steps, save_strategy="no",
         report_to=[], seed=0, dataloader_num_workers=0, remove_unused_columns=False, optim="adamw_torch",
@@ -210,6 +217,23 @@ def pct(m: dict, key: str = "rewards/accuracies") -> str:
     return f"{100 * m[key]:.1f}% ± {100 * m[f'{key}_se']:.1f}" if m else "-"
 
 
+def reading(r: Result) -> str:
+    """What the test figures say, in words: the gain against the 10-point target and its standard error, and
+    what moved besides (the NLL term's work on chosen, the log-probs of chosen and rejected)."""
+    import math
+
+    b, a = r.test_before, r.test_after
+    change = a["rewards/accuracies"] - b["rewards/accuracies"]
+    se = math.hypot(b["rewards/accuracies_se"], a["rewards/accuracies_se"])
+    verdict = ("reaches the 10-point target" if change >= 0.10 else "misses the 10-point target")
+    words = (f"held-out preference accuracy {100 * change:+.1f} points ({change / se:.1f} standard errors) in "
+             f"{r.wall_s / 60:.1f} min of training: {verdict}. ")
+    words += (f"NLL of chosen {b['nll_loss']:.3f} -> {a['nll_loss']:.3f}; mean log-prob per token of chosen "
+              f"{b['logps/chosen']:.3f} -> {a['logps/chosen']:.3f}, of rejected {b['logps/rejected']:.3f} -> "
+              f"{a['logps/rejected']:.3f}; reward margin {b['rewards/margins']:+.4f} -> {a['rewards/margins']:+.4f}.")
+    return words
+
+
 def markdown(results: list[Result], chosen: dict[str, Result], trl: dict[str, dict], command: str) -> str:
     from orpo.train.heldout import change_cell
 
@@ -229,6 +253,9 @@ def markdown(results: list[Result], chosen: dict[str, Result], trl: dict[str, di
         out.append(f"| {name} | {r.setting} | {r.test_after.get('pairs', '?')} | {pct(r.test_before)} | {pct(r.test_after)} | "
                    f"{change_cell(r.test_before, r.test_after, 'rewards/accuracies', True)} | "
                    f"{r.test_before['nll_loss']:.3f} -> {r.test_after['nll_loss']:.3f} |")
+    out += ["", "## Reading", ""]
+    for name, r in chosen.items():
+        out.append(f"- **{name}**: " + reading(r))
     if trl:
         out += ["", "## The same setting through TRL 1.16's ORPOTrainer (same tokenized pairs, same test code)", "",
                 "| set | trainer | steps | training wall | test accuracy after |", "|---|---|---|---|---|"]
@@ -241,6 +268,17 @@ def markdown(results: list[Result], chosen: dict[str, Result], trl: dict[str, di
     return "\n".join(out) + "\n"
 
 
+def load_previous(path: Path, redo: list[str]) -> tuple[list[Result], dict[str, Result], dict[str, dict], list[str]]:
+    """The results of the sets not being run again, from an earlier run's .json (its chosen setting per set is
+    the one measured on test)."""
+    data = json.loads(path.read_text())
+    results = [Result(**r) for r in data["results"] if r["set"] not in redo]
+    chosen = {r.set: r for r in results if r.test_after}
+    trl = {k: v for k, v in data.get("trl", {}).items() if k not in redo}
+    commands = data.get("commands") or ["python bench/quality.py --sets " + ",".join(sorted(chosen)) + (" --trl" if trl else "")]
+    return results, chosen, trl, commands
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="orca,hh")
@@ -248,16 +286,21 @@ def main() -> None:
     parser.add_argument("--trl", action="store_true", help="also train the chosen setting with TRL's ORPOTrainer")
     parser.add_argument("--work", default="/tmp/orpo-quality")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.md"))
+    parser.add_argument("--merge", action="store_true", help="keep the other sets' results already in OUT's .json")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs in --work back instead of training again")
     args = parser.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED}: the shared data folder is missing (this study needs it; the package does not)")
     work, out = Path(args.work), Path(args.out)
-    shutil.rmtree(work, ignore_errors=True)
-    results, chosen, trl = [], {}, {}
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    results, chosen, trl, commands = [], {}, {}, []
+    if args.merge and out.with_suffix(".json").is_file():
+        results, chosen, trl, commands = load_previous(out.with_suffix(".json"), args.sets.split(","))
     wanted = args.settings.split(",")
     for name in args.sets.split(","):
         files = split(name, work)
-        mine = [run_setting(files, name, s, work) for s in CANDIDATES if s.name in wanted and name in s.sets]
+        mine = [run_setting(files, name, s, work, args.reuse) for s in CANDIDATES if s.name in wanted and name in s.sets]
         results += mine
         fits = [r for r in mine if r.wall_s <= BUDGET_S] or mine
         best = max(fits, key=gain)
@@ -271,11 +314,11 @@ def main() -> None:
             figure(work / name / best.setting, trl[name], out.with_name(f"quality-{name}-trl.png"))
             print(f"{name}: TRL test accuracy {pct(trl[name]['test_after'])} in {trl[name]['wall_s']:.0f} s", flush=True)
     command = "python bench/quality.py " + " ".join(f"--{k} {v}" for k, v in (("sets", args.sets), ("settings", args.settings)))
-    command += " --trl" if args.trl else ""
+    command += (" --trl" if args.trl else "") + (" --merge" if args.merge else "")
+    commands.append(command)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(results, chosen, trl, command))
-    out.with_suffix(".json").write_text(json.dumps({"results": [asdict(r) for r in results],
-                                                    "trl": {k: {**v, "history": v["history"]} for k, v in trl.items()}}, indent=2))
+    out.write_text(markdown(results, chosen, trl, " && ".join(commands)))
+    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "results": [asdict(r) for r in results], "trl": trl}, indent=2))
     print(out.read_text())
 
 
