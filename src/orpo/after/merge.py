@@ -81,20 +81,7 @@ def merged_model(target):
     model, tokenizer = load(target, dtype="float32", quantized=False)
     if target.is_adapter:
         model = model.merge_and_unload()  # in fp32
-    return plain(model), tokenizer
-
-
-def plain(model):
-    """A base loaded from a GGUF file (model.gguf_file) is dequantized to plain fp32 weights, yet transformers
-    keeps it marked as GGUF-quantized and refuses to save it: the mark goes, the weights stay."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
+    return model, tokenizer
 
 
 def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts: list[str] = PROMPTS,

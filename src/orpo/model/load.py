@@ -120,12 +120,23 @@ def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.
         )
     loading_bars()
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or weights_dtype(config), **kwargs)
+    if config.model.gguf_file:
+        forget_gguf(model)
     if new_token_ids or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def forget_gguf(model) -> None:
+    """A model loaded from a GGUF file is dequantized to plain weights, yet transformers keeps it marked as
+    GGUF-quantized and refuses to save it (a merge, or final/ of full fine-tuning): the mark goes, the weights stay."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_model(config: Config, tokenizer, new_token_ids: list[int], fuse: bool = True):
