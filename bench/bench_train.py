@@ -231,6 +231,17 @@ def orpo_worker(s: Scenario, system: str, source: str, pairs: list[dict], steps:
     return [line["seconds_per_step"] for line in lines if "seconds_per_step" in line]
 
 
+def trl_row(p: dict) -> dict:
+    """A tokenized pair (prompt_ids, chosen_ids, rejected_ids) in the columns TRL's ORPOTrainer reads after its own
+    tokenization, so that TRL trains on exactly the ids orpo does."""
+    prompt, row = p["prompt_ids"], {"prompt_input_ids": p["prompt_ids"], "prompt_attention_mask": [1] * len(p["prompt_ids"])}
+    for side in ("chosen", "rejected"):
+        ids = prompt + p[f"{side}_ids"]
+        row |= {f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                f"{side}_labels": [-100] * len(prompt) + p[f"{side}_ids"]}
+    return row
+
+
 def trl_worker(s: Scenario, source: str, pairs: list[dict], steps: int, out: Path, liger: bool = False) -> list[float]:
     import datasets
     import torch
@@ -269,14 +280,6 @@ def trl_worker(s: Scenario, source: str, pairs: list[dict], steps: int, out: Pat
     )
     stub = datasets.Dataset.from_list([{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}])
     trainer = ORPOTrainer(model=model, args=args, train_dataset=stub, processing_class=tokenizer)
-
-    def trl_row(p):
-        prompt, row = p["prompt_ids"], {"prompt_input_ids": p["prompt_ids"], "prompt_attention_mask": [1] * len(p["prompt_ids"])}
-        for side in ("chosen", "rejected"):
-            ids = prompt + p[f"{side}_ids"]
-            row |= {f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
-                    f"{side}_labels": [-100] * len(prompt) + p[f"{side}_ids"]}
-        return row
 
     trainer.train_dataset = datasets.Dataset.from_list([trl_row(p) for p in pairs])
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)

@@ -145,6 +145,7 @@ def trl_run(files, name: str, setting: Setting, work: Path) -> dict:
     import datasets
     import torch
     from accelerate import Accelerator
+    from bench_train import trl_row  # bench/ is on sys.path when this runs as a script
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -169,13 +170,6 @@ def trl_run(files, name: str, setting: Setting, work: Path) -> dict:
     )
     stub = datasets.Dataset.from_list([{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}])
     trainer = ORPOTrainer(model=model, args=args, train_dataset=stub, processing_class=tokenizer)
-
-    def trl_row(p):  # orpo's token ids, in TRL's columns
-        prompt, row = p["prompt_ids"], {"prompt_input_ids": p["prompt_ids"], "prompt_attention_mask": [1] * len(p["prompt_ids"])}
-        for side in ("chosen", "rejected"):
-            ids = prompt + p[f"{side}_ids"]
-            row |= {f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids), f"{side}_labels": [-100] * len(prompt) + p[f"{side}_ids"]}
-        return row
 
     trainer.train_dataset = datasets.Dataset.from_list([trl_row(p) for p in train_ds])
     started = time.perf_counter()

@@ -17,7 +17,7 @@ from ..config import BUILTIN, BUILTIN_HUB_ID, Config, load_config
 from ..train.heldout import HELD_OUT_ROWS, change_cell, metric_cell
 from ..train.tracking import framework_versions
 from .report import PLOTS, read_metrics, write_plots, write_report
-from .runs import MERGED_CONFIG
+from .runs import MERGED_CONFIG, is_run
 
 MODEL_FILES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")  # weights, configs, tokenizer
 SKIP = {"orpo_merge.json"}
@@ -26,7 +26,7 @@ BUILTIN_LICENSE = "apache-2.0"  # SmolLM2's
 
 def _run_of(folder: Path) -> tuple[Path | None, Path, Config, str]:
     """(run folder or None, folder holding the model files, config, 'adapter'|'merged'|'full')."""
-    if (folder / "config.yaml").is_file() and (folder / "final").is_dir():
+    if is_run(folder):
         final = folder / "final"
         kind = "adapter" if (final / "adapter_config.json").is_file() else "full"
         return folder, final, load_config(folder / "config.yaml"), kind

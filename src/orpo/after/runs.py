@@ -47,6 +47,11 @@ class Target:
         return self.kind == "run" and (self.final_dir / "adapter_config.json").is_file()
 
 
+def is_run(folder: Path) -> bool:
+    """A run folder as `orpo train` leaves it: config.yaml and final/."""
+    return (folder / "config.yaml").is_file() and (folder / "final").is_dir()
+
+
 def with_model(config: Config, name_or_path: str) -> Config:
     """`config` with its model swapped for a plain (no LoRA, not 4-bit) one at `name_or_path`."""
     model = config.model.model_copy(update={"name_or_path": name_or_path, "gguf_file": None, "revision": None, "load_in_4bit": False})
@@ -62,7 +67,7 @@ def resolve(spec: str, overrides: list[str] | tuple[str, ...] = (), like: Config
         raise FileNotFoundError(f"{spec} is a file: give a run folder, a merged or other model folder, 'builtin' or a Hub id{hint}")
     if not path.exists() and looks_local(spec):
         raise FileNotFoundError(f"{spec}: no such folder")
-    if (path / "config.yaml").is_file() and (path / "final").is_dir():
+    if is_run(path):
         return Target(spec, "run", own_flag_only(load_config(path / "config.yaml", overrides), overrides, spec))
     if (path / MERGED_CONFIG).is_file():
         config = own_flag_only(load_config(path / MERGED_CONFIG, overrides), overrides, spec)

@@ -38,7 +38,7 @@ from pathlib import Path
 from ..files import cache_root
 from .export import CheckFailed, ExportError, export_gguf
 from .merge import run_merge
-from .runs import resolve
+from .runs import is_run, resolve
 
 ENGINES = ("llama-cpp", "vllm")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -122,7 +122,7 @@ def llama_cpp_command(gguf: Path, name: str, host: str, port: int, api_key: str 
 def weights_dir(spec: str) -> Path | None:
     """The folder whose files a GGUF or merged model is made from (None: nothing local to compare with)."""
     path = Path(spec).expanduser()
-    if (path / "config.yaml").is_file() and (path / "final").is_dir():
+    if is_run(path):
         return path / "final"
     return path if path.is_dir() else None
 
