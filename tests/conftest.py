@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,20 @@ def tiny_overrides(model_dir: Path, data_file: Path, out: Path, **extra) -> list
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+INSTALL_BROWSER = "install Chromium: apt-get install chromium (Debian, Ubuntu), or put one of chromium, chromium-browser, google-chrome on PATH"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless browser to render report and compare pages in. Without one the test skips, except under CI
+    (.ci/run sets ORPO_CI=1): there it fails, in one line, since a green CI must mean the pages were rendered.
+    Session-scoped so that it skips or fails before a test's training fixtures run."""
+    found = next((path for path in map(shutil.which, BROWSERS) if path), None)
+    if found:
+        return found
+    if os.environ.get("ORPO_CI") == "1":
+        pytest.fail(f"no browser under CI (ORPO_CI=1): {INSTALL_BROWSER}", pytrace=False)
+    pytest.skip(f"needs a browser: {INSTALL_BROWSER}")
