@@ -14,6 +14,7 @@ import warnings
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 from .config import DEMO, ConfigError, describe_keys, load_config  # noqa: E402
+from .hub_errors import HubError  # noqa: E402
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orpo: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, HubError) as exc:
         print(f"orpo: error: {exc}", file=sys.stderr)
         return 1
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..hub_errors import hub_errors
+
 
 def hub_token() -> str:
     """The Hugging Face token from HF_TOKEN or the saved login. Kept in memory only: never printed or written."""
@@ -21,8 +23,9 @@ def push_folder(folder: Path, repo: str, private: bool) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi(token=hub_token())
-    url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", commit_message="Upload ORPO model (orpo push)")
+    with hub_errors(repo, upload=True):  # a bad token (401), no write access (403), no network: one line
+        url = api.create_repo(repo_id=repo, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model", commit_message="Upload ORPO model (orpo push)")
     return str(url)
 
 

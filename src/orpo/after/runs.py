@@ -22,6 +22,7 @@ import torch
 
 from ..config import Config, load_config
 from ..data.pairs import prompt_ids
+from ..hub_errors import hub_errors
 from ..model.load import DTYPES, load_base, load_tokenizer, loading_bars, looks_local, weights_dtype
 
 MERGED_CONFIG = "orpo_config.yaml"  # the run's config, copied into a merged model folder
@@ -106,7 +107,8 @@ def load(target: Target, dtype: str | None = None, quantized: bool = True):
         torch_dtype = DTYPES[dtype] if dtype else weights_dtype(config)
         if target.kind == "run" and not target.is_adapter:  # full fine-tuning: final/ is the whole model
             loading_bars()
-            model = AutoModelForCausalLM.from_pretrained(target.final_dir, dtype=torch_dtype, trust_remote_code=trust)
+            with hub_errors(str(target.final_dir)):  # local, but its remote code (auto_map) may name a Hub repo
+                model = AutoModelForCausalLM.from_pretrained(target.final_dir, dtype=torch_dtype, trust_remote_code=trust)
             return _ready(model, tokenizer), tokenizer
         model = load_base(config, tokenizer, new_ids, dtype=torch_dtype, quantized=quantized)
     except ValueError as exc:

@@ -9,6 +9,7 @@ import torch
 
 from ..config import BUILTIN, Config
 from ..files import atomic_folder
+from ..hub_errors import hub_errors
 from .builtin import builtin_model_dir
 from .fast.gated_mlp import fuse_gated_mlps
 from .fast.lora_dropout import fuse_lora_dropout
@@ -71,7 +72,8 @@ def load_tokenizer(config: Config):
     from transformers import AutoTokenizer
 
     source, kwargs = model_source(config)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    with hub_errors(source, revision=config.model.revision):
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     mode = config.model.chat_template
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if mode == "own" and not has_template:
@@ -119,7 +121,8 @@ def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.
             bnb_4bit_quant_storage=DTYPES.get(config.model.bnb_4bit_quant_storage, torch.uint8),
         )
     loading_bars()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or weights_dtype(config), **kwargs)
+    with hub_errors(source, revision=config.model.revision):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or weights_dtype(config), **kwargs)
     if config.model.gguf_file:
         forget_gguf(model)
     if new_token_ids or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
