@@ -107,3 +107,42 @@ def test_a_missing_model_folder_stops_training_in_one_line(pairs_file, tmp_path,
 
     assert main(["train", *tiny_overrides(tmp_path / "no-model", pairs_file, tmp_path / "run")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [f"orpo: error: model.name_or_path={tmp_path / 'no-model'}: no such folder"]
+
+
+# Every command that takes a run gets the same line and exit 1 for a run that has no final/ (it stopped, or
+# crashed, before saving one): a file error, as a missing folder is, not a usage error (exit 2): the same command
+# line works once the run has finished. compare needs only config.yaml and metrics.jsonl, so it compares such a run.
+UNFINISHED = {
+    "eval": ["--no-generate"], "chat": ["--prompt", "hi"], "merge": ["--out", "{tmp}/merged"],
+    "export": ["--gguf", "{tmp}/m.gguf"], "serve": ["--engine", "llama-cpp", "--print"], "push": ["--repo", "me/x", "--dry-run", "{tmp}/dry"],
+}
+
+
+@pytest.mark.parametrize("command", list(UNFINISHED))
+def test_a_run_without_final_is_one_line_exit_1(command, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(None), run / "config.yaml")
+    argv = [command, str(run), *(a.format(tmp=tmp_path) for a in UNFINISHED[command])]
+    assert main(argv) == 1
+    said = f"{run} is neither a run folder (config.yaml + final/) nor a merged model (from `orpo merge`)" if command == "push" else (
+        f"{run} has a config.yaml but no final/ model: did the run finish?")
+    assert capsys.readouterr().err.strip().splitlines() == [f"orpo: error: {said}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing made
+
+
+def test_an_empty_final_is_one_line_exit_1(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    save_config(load_config(None), run / "config.yaml")
+    assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"orpo: error: {run}: final/ holds neither an adapter nor a model"]
+
+
+def test_compare_takes_a_run_without_final(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(None), run / "config.yaml")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.5}) + "\n")
+    assert main(["compare", str(run), "--out", str(tmp_path / "compare.html")]) == 0
+    assert (tmp_path / "compare.html").is_file()

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,11 +69,14 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 @pytest.fixture
 def started(monkeypatch):
-    """run_serve with the engine 'installed' and its start recorded instead of run: the list of commands."""
-    commands: list[list[str]] = []
+    """run_serve with the engine 'installed' and its start recorded instead of run: the commands, and the
+    environment each was given."""
+    record = SimpleNamespace(commands=[], envs=[])
     monkeypatch.setattr(serve, "require_engine", lambda engine: None)
-    monkeypatch.setattr(serve, "run_foreground", lambda command: commands.append(command) or 0)
-    return commands
+    monkeypatch.setattr(serve, "run_foreground", lambda command, env: record.commands.append(command) or record.envs.append(env) or 0)
+    for name in ("ORPO_API_KEY", *serve.KEY_VARIABLE.values()):
+        monkeypatch.delenv(name, raising=False)
+    return record
 
 
 # ---------------------------------------------------------------- vLLM
@@ -102,8 +106,8 @@ def test_vllm_serves_a_merged_folder_under_its_name(tmp_path, capsys):
 
 def test_vllm_serves_a_full_run_from_final(chat_model_dir, tmp_path):
     run = fake_run(tmp_path / "full", chat_model_dir, {"config.json": {}})
-    command = serve_command(str(run), "vllm", "127.0.0.1", 8000, api_key="k")
-    assert command[1:] == ["serve", str(run / "final"), "--served-model-name", "full", "--host", "127.0.0.1", "--port", "8000", "--api-key", "k"]
+    command = serve_command(str(run), "vllm", "127.0.0.1", 8000)
+    assert command[1:] == ["serve", str(run / "final"), "--served-model-name", "full", "--host", "127.0.0.1", "--port", "8000"]
 
 
 @pytest.mark.parametrize(("r", "max_rank"), [(12, "16"), (16, "16")])
@@ -139,10 +143,10 @@ def test_a_chatml_run_is_merged_checked_then_served(base_model_dir, tmp_path, st
     assert run_serve(str(run), engine="vllm", port=port) == 0
     assert "PASS" in capsys.readouterr().out
     assert json.loads((run / "merged-bf16" / "orpo_merge.json").read_text())["passed"]
-    assert started[0][2] == str(run / "merged-bf16")
+    assert started.commands[0][2] == str(run / "merged-bf16")
     monkeypatch.setattr(serve, "run_merge", lambda *a, **k: pytest.fail("merged again"))
     assert run_serve(str(run), engine="vllm", port=port) == 0
-    assert started[1] == started[0]
+    assert started.commands[1] == started.commands[0]
 
 
 def test_vllm_missing_is_one_line(tmp_path, chat_model_dir, monkeypatch):
@@ -164,13 +168,14 @@ def test_vllm_does_not_take_a_gguf_file(tmp_path):
 
 def test_llama_cpp_print_names_the_gguf_it_would_export(chat_model_dir, tmp_path, capsys):
     run = fake_run(tmp_path / "demo", chat_model_dir, {"adapter_config.json": adapter(8)})
-    assert run_serve(str(run), engine="llama-cpp", port=8124, api_key="secret", print_only=True) == 0
+    assert run_serve(str(run), engine="llama-cpp", port=8124, api_key="s3cret-key", print_only=True) == 0
     out = capsys.readouterr()
     gguf = run / "gguf" / "model.f16.gguf"
     assert out.out.strip() == (f"{sys.executable} -m llama_cpp.server --model {gguf} --model_alias demo --n_ctx 4096 "
-                               "--host 127.0.0.1 --port 8124 --api_key secret")
+                               "--host 127.0.0.1 --port 8124")
     assert "--chat_format" not in out.out  # the GGUF's own template is used
     assert f"note: {gguf} is not exported yet" in out.err and not gguf.exists()
+    assert "s3cret-key" not in out.out + out.err and "takes it from API_KEY in its environment" in out.err
 
 
 def test_llama_cpp_exports_on_first_use_then_reuses(chat_model_dir, tmp_path, started, monkeypatch, capsys):
@@ -189,7 +194,7 @@ def test_llama_cpp_exports_on_first_use_then_reuses(chat_model_dir, tmp_path, st
     gguf = model / "gguf" / "model.f16.gguf"
     assert run_serve(str(model), engine="llama-cpp", port=free_port()) == 0
     assert exported == [(str(model), gguf, "f16")]
-    command = started[0]
+    command = started.commands[0]
     assert command[command.index("--model") + 1] == str(gguf)
     assert command[command.index("--n_ctx") + 1] == "512"  # the model's context, below the 4096 cap
     assert "http://127.0.0.1:" in capsys.readouterr().out
@@ -208,7 +213,7 @@ def test_a_failed_export_check_exits_1(chat_model_dir, started, monkeypatch):
     monkeypatch.setattr(serve, "export_gguf", export)
     monkeypatch.setattr(serve, "gguf_for", lambda spec: Path("/nonexistent/model.f16.gguf"))
     assert run_serve(str(chat_model_dir), engine="llama-cpp", port=free_port()) == 1
-    assert started == []
+    assert started.commands == []
 
 
 def test_a_gguf_without_chat_template_is_refused(tmp_path):
@@ -219,7 +224,7 @@ def test_a_gguf_without_chat_template_is_refused(tmp_path):
 
 
 def test_a_missing_gguf_is_one_line(tmp_path):
-    with pytest.raises(ExportError) as exc:
+    with pytest.raises(FileNotFoundError) as exc:  # a file error: exit 1, as a missing folder or a run without final/
         run_serve(str(tmp_path / "absent.gguf"), engine="llama-cpp", print_only=True)
     assert "no such file" in one_line(exc)
 
@@ -254,11 +259,44 @@ def test_llama_cpp_missing_is_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("host", "key", "warned"), [("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("localhost", None, False), ("::1", None, False)])
-def test_an_open_host_without_a_key_is_warned(tmp_path, capsys, host, key, warned):
+def test_an_open_host_without_a_key_is_warned(tmp_path, capsys, monkeypatch, host, key, warned):
+    for name in ("ORPO_API_KEY", *serve.KEY_VARIABLE.values()):
+        monkeypatch.delenv(name, raising=False)
     path = write_gguf(tmp_path / "chat.gguf", "{{ messages }}")
     assert run_serve(str(path), engine="llama-cpp", host=host, api_key=key, print_only=True) == 0
     err = capsys.readouterr().err
     assert ("WARNING" in err and "--api-key" in err) == warned
+
+
+@pytest.mark.parametrize(("engine", "variable"), [("llama-cpp", "API_KEY"), ("vllm", "VLLM_API_KEY")])
+def test_the_key_reaches_the_engine_in_its_environment(tmp_path, started, monkeypatch, capsys, engine, variable):
+    """Never on its command line, which every local user can read (ps, /proc/PID/cmdline). The key is --api-key,
+    else ORPO_API_KEY, else the engine's own variable; HOST and PORT are not passed on (llama_cpp.server prefers
+    them to --host/--port)."""
+    if engine == "llama-cpp":
+        target = write_gguf(tmp_path / "chat.gguf", "{{ messages }}")
+    else:
+        target = tmp_path / "merged"
+        target.mkdir()
+        save_config(load_config(None), target / "orpo_config.yaml")
+        (target / "config.json").write_text("{}")
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("PORT", "1")
+    other = "VLLM_API_KEY" if variable == "API_KEY" else "API_KEY"
+    monkeypatch.setenv(other, "not-this-engines")
+    cases = [("given-key", {}, "given-key"), (None, {"ORPO_API_KEY": "orpo-key"}, "orpo-key"),
+             (None, {variable: "engine-key"}, "engine-key"), (None, {}, None)]
+    for given, env, want in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert run_serve(str(target), engine=engine, host="0.0.0.0", port=free_port(), api_key=given) == 0
+        for name in env:
+            monkeypatch.delenv(name)
+        command, engine_env = started.commands[-1], started.envs[-1]
+        assert engine_env.get(variable) == want and other not in engine_env
+        assert "HOST" not in engine_env and "PORT" not in engine_env and engine_env["PATH"] == os.environ["PATH"]
+        assert "--api-key" not in command and "--api_key" not in command and not any(k in " ".join(command) for k in ("given-key", "orpo-key", "engine-key"))
+        assert ("WARNING" in capsys.readouterr().err) == (want is None)
 
 
 @pytest.mark.parametrize(("kwargs", "says"), [({"engine": "ollama"}, "--engine ollama"), ({"port": 0}, "--port 0"), ({"port": 70000}, "--port 70000")])
@@ -269,8 +307,8 @@ def test_bad_options_are_one_line(tmp_path, kwargs, says):
 
 
 def test_the_engines_exit_code_is_returned():
-    assert serve.run_foreground([sys.executable, "-c", "raise SystemExit(3)"]) == 3
-    assert serve.run_foreground([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]) == 128 + 15
+    assert serve.run_foreground([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ)) == 3
+    assert serve.run_foreground([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"], dict(os.environ)) == 128 + 15
 
 
 def test_an_engine_that_ignores_ctrl_c_is_stopped(monkeypatch):
@@ -318,18 +356,26 @@ def wait_for_models(url: str, key: str, proc: subprocess.Popen, log: Path, timeo
 
 def test_llama_cpp_server_answers_an_openai_client(builtin_gguf, tmp_path):
     """`orpo serve` on the exported builtin model: the reply ends at the end-of-turn token (finish_reason stop,
-    no <|im_end|> in the text), the key is required, and stopping orpo stops the server and frees the port."""
+    no <|im_end|> in the text), the key (given in ORPO_API_KEY) is required and on no command line, and stopping
+    orpo stops the server and frees the port."""
     from openai import AuthenticationError, OpenAI
 
-    port, key = free_port(), "test-key"
+    port, key = free_port(), "test-key-9f3c"
     log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "VLLM_API_KEY")} | {"ORPO_API_KEY": key}
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "orpo.cli", "serve", str(builtin_gguf), "--engine", "llama-cpp",
-                                 "--port", str(port), "--api-key", key], stdout=sink, stderr=subprocess.STDOUT)
+                                 "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}/v1"
         models = wait_for_models(url, key, proc, log)
         assert [m["id"] for m in models["data"]] == ["smollm2.f16"]
+        # what `ps` shows of orpo and of the engine has no key; the engine's environment (its user's and root's
+        # to read) has it
+        engine_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        for pid in (proc.pid, engine_pid):
+            assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert f"API_KEY={key}".encode() in Path(f"/proc/{engine_pid}/environ").read_bytes().split(b"\0")
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=url, api_key="wrong").models.list()
         reply = OpenAI(base_url=url, api_key=key).chat.completions.create(

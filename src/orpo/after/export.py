@@ -487,7 +487,7 @@ def source_model(spec: str, overrides: list[str] | tuple[str, ...] = ()):
 
     target = resolve(spec, overrides)
     if target.kind == "run" and not (target.final_dir / "adapter_config.json").is_file() and not (target.final_dir / "config.json").is_file():
-        raise ExportError(f"{spec}: final/ holds neither an adapter nor a model")
+        raise FileNotFoundError(f"{spec}: final/ holds neither an adapter nor a model")  # a file error, exit 1 as in resolve
     model, tokenizer = merged_model(target)
     problem = supported_problem(model.config)
     if problem:
@@ -567,7 +567,8 @@ def print_check(out: Path, kind: str, check: ExportCheck, result: dict) -> None:
 
 def run_export(spec: str, out: str, kind: str, quantize_to: list[str], with_modelfile: bool, force: bool,
                overrides: list[str]) -> int:
-    """`orpo export`: exit 0 PASS, 1 FAIL (no file left), 2 bad input (ExportError, raised to the CLI)."""
+    """`orpo export`: exit 0 PASS, 1 FAIL (no file left); raised to the CLI: a missing file or folder (a run without
+    final/: FileNotFoundError, exit 1), a Hub failure (HubError, exit 1), bad options (ExportError, exit 2)."""
     try:
         export_gguf(spec, out, kind, quantize_to, with_modelfile, force, overrides)
     except CheckFailed:

@@ -16,9 +16,12 @@ Two engines, chosen by what the machine has (vLLM with CUDA, else llama.cpp):
                LoRA loader (vllm/lora/lora_model.py) accepts only LoRA A/B weights of target modules, so such an
                adapter is refused on the first request, or its embedding rows are dropped.
 
-The API binds 127.0.0.1 unless --host says otherwise; another host without --api-key gets a warning, since
-anyone who can reach the port can then use the model. `--print` shows the command without running anything
-(no export or merge either: a note says what would be made first).
+The API binds 127.0.0.1 unless --host says otherwise; another host without a key gets a warning, since anyone
+who can reach the port can then use the model. The key (--api-key, else ORPO_API_KEY, else the engine's own
+variable) reaches the engine in its environment, never on its command line, where any local user could read it
+(`ps`, /proc/PID/cmdline): llama-cpp-python's server reads API_KEY, vLLM reads VLLM_API_KEY. `--print` shows the
+command without running anything (no export or merge either: a note says what would be made first) and never
+the key.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ MAX_CTX = 4096
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 WEIGHT_FILES = (".safetensors", ".bin", ".json")  # what a GGUF or merged model is made from (not README.md)
 STOP_WAIT_S = 15  # after Ctrl-C or SIGTERM: how long the engine may take to shut down before it is killed
+# The environment variable each engine takes its API key from. llama-cpp-python: ServerSettings.api_key in
+# llama_cpp/server/settings.py is a pydantic-settings field without a prefix, so API_KEY (not llama.cpp's own
+# llama-server's LLAMA_API_KEY: that binary is not what runs). vLLM: `args.api_key or envs.VLLM_API_KEY` in
+# vllm/entrypoints/openai/api_server.py.
+KEY_VARIABLE = {"llama-cpp": "API_KEY", "vllm": "VLLM_API_KEY"}
 
 
 def default_engine() -> str:
@@ -104,7 +112,7 @@ def gguf_facts(path: Path) -> tuple[str | None, int | None]:
     return value("tokenizer.chat_template"), value(f"{value('general.architecture')}.context_length")
 
 
-def llama_cpp_command(gguf: Path, name: str, host: str, port: int, api_key: str | None) -> list[str]:
+def llama_cpp_command(gguf: Path, name: str, host: str, port: int) -> list[str]:
     """Flag names are llama_cpp/server/settings.py's fields; no --chat_format, so the GGUF's template is used. The
     context: the model's, at most MAX_CTX (MAX_CTX while the file is not exported yet)."""
     n_ctx = MAX_CTX
@@ -114,9 +122,8 @@ def llama_cpp_command(gguf: Path, name: str, host: str, port: int, api_key: str 
             raise ExportError(f"{gguf} has no chat template (tokenizer.chat_template): the server could not format "
                               "a conversation; export the model with orpo export, which writes one")
         n_ctx = min(int(trained), MAX_CTX) if trained else MAX_CTX
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
-               "--n_ctx", str(n_ctx), "--host", host, "--port", str(port)]
-    return command + (["--api_key", api_key] if api_key else [])
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
+            "--n_ctx", str(n_ctx), "--host", host, "--port", str(port)]
 
 
 def weights_dir(spec: str) -> Path | None:
@@ -180,7 +187,7 @@ def vllm_binary() -> str:
     return str(local) if local.is_file() else "vllm"
 
 
-def vllm_command(spec: str, host: str, port: int, api_key: str | None, overrides=()) -> list[str]:
+def vllm_command(spec: str, host: str, port: int, overrides=()) -> list[str]:
     target = resolve(spec, overrides)
     name = model_name(spec)
     command = [vllm_binary(), "serve"]
@@ -201,17 +208,33 @@ def vllm_command(spec: str, host: str, port: int, api_key: str | None, overrides
                     "--served-model-name", name]
     if target.config.model.trust_remote_code:
         command.append("--trust-remote-code")
-    return command + ["--host", host, "--port", str(port)] + (["--api-key", api_key] if api_key else [])
+    return command + ["--host", host, "--port", str(port)]
 
 
 # ---------------------------------------------------------------- the command
 
 
-def serve_command(spec: str, engine: str, host: str, port: int, api_key: str | None = None, overrides=()) -> list[str]:
-    """The engine's command line for what is on disk now (the GGUF or merged folder it names may not exist yet)."""
+def serve_command(spec: str, engine: str, host: str, port: int, overrides=()) -> list[str]:
+    """The engine's command line for what is on disk now (the GGUF or merged folder it names may not exist yet).
+    It never holds the API key: see engine_env."""
     if engine == "llama-cpp":
-        return llama_cpp_command(gguf_for(spec), model_name(spec), host, port, api_key)
-    return vllm_command(spec, host, port, api_key, overrides)
+        return llama_cpp_command(gguf_for(spec), model_name(spec), host, port)
+    return vllm_command(spec, host, port, overrides)
+
+
+def api_key_for(engine: str, given: str | None) -> str | None:
+    """--api-key, else $ORPO_API_KEY, else the engine's own variable (which it would read anyway); None: no key."""
+    return given or os.environ.get("ORPO_API_KEY") or os.environ.get(KEY_VARIABLE[engine]) or None
+
+
+def engine_env(engine: str, api_key: str | None) -> dict[str, str]:
+    """The engine's environment: orpo's, without HOST and PORT (llama_cpp.server prefers them to --host/--port),
+    with the key in the variable the engine reads (a process's environment is readable by its user and root only,
+    its command line by every local user)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", *KEY_VARIABLE.values())}
+    if api_key:
+        env[KEY_VARIABLE[engine]] = api_key
+    return env
 
 
 def require_engine(engine: str) -> None:
@@ -267,11 +290,10 @@ def prepare(spec: str, engine: str, dry: bool, overrides=()) -> int:
     return run_merge(spec, "bf16", str(merged), overrides=overrides)
 
 
-def run_foreground(command: list[str]) -> int:
+def run_foreground(command: list[str], env: dict[str, str]) -> int:
     """The engine in the foreground until it exits. Ctrl-C reaches it directly (the terminal signals the whole
     process group), so orpo only waits; SIGTERM sent to orpo is passed on. Returns its exit code (128 + signal
     when a signal ended it)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT")}  # llama_cpp.server prefers these to --host/--port
     proc = subprocess.Popen(command, env=env)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate()) if main else None
@@ -303,31 +325,38 @@ def wait_or_stop(proc: subprocess.Popen) -> int:
 
 def run_serve(spec: str, engine: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               print_only: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> int:
-    """`orpo serve`: exit code of the engine (0 with --print); ExportError (one line) on bad input."""
+    """`orpo serve`: exit code of the engine (0 with --print). One line each: ExportError on bad options, a port in
+    use or a missing engine (exit 2); FileNotFoundError on what is not on disk (a missing .gguf or folder, a run
+    without final/: exit 1, as in every command); HubError when a base model cannot be downloaded (exit 1)."""
     engine = engine or default_engine()
     if engine not in ENGINES:
         raise ExportError(f"--engine {engine}: not one of {', '.join(ENGINES)}")
+    api_key = api_key_for(engine, api_key)
     if not 0 < port < 65536:
         raise ExportError(f"--port {port}: not a port (1-65535)")
     if Path(spec).expanduser().suffix == ".gguf" and engine == "vllm":
         raise ExportError(f"{spec}: vLLM serves model folders; serve a .gguf file with --engine llama-cpp")
     if Path(spec).expanduser().suffix == ".gguf":
         if not Path(spec).expanduser().is_file():
-            raise ExportError(f"{spec}: no such file")
+            raise FileNotFoundError(f"{spec}: no such file")
     else:
         resolve(spec, overrides)  # a missing folder or an unfinished run fails here, before anything is made
     if not print_only:
         require_engine(engine)
         check_port(host, port)
     if host not in LOOPBACK and not api_key:
-        print(f"WARNING: --host {host} without --api-key: anyone who can reach port {port} can use the model", file=sys.stderr)
+        print(f"WARNING: --host {host} without --api-key (or ORPO_API_KEY): anyone who can reach port {port} can use the model",
+              file=sys.stderr)
     code = prepare(spec, engine, print_only, overrides)
     if code:
         return code
-    command = serve_command(spec, engine, host, port, api_key, overrides)
+    command = serve_command(spec, engine, host, port, overrides)
     if print_only:
         print(shlex.join(command))
+        if api_key:
+            print(f"note: the API key is not shown; the engine takes it from {KEY_VARIABLE[engine]} in its environment "
+                  "(set it there to run this command yourself)", file=sys.stderr)
         return 0
     shown = f"[{host}]" if ":" in host else host
     print(f"serving at http://{shown}:{port}/v1 with model name '{model_name(spec)}' ({engine}; Ctrl-C stops it)", flush=True)
-    return run_foreground(command)
+    return run_foreground(command, engine_env(engine, api_key))
