@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry points. Each command creates (or reuses) .venv inside the project and installs what it needs.
 #   ./run.sh demo [key=value ...]   fine-tune the embedded SmolLM2-135M-Instruct on the generated preference set
-#   ./run.sh test [pytest args]     lint, import every module, run the test suite
+#   ./run.sh test [pytest args]     lint, import every module, run the tests, slow ones included (-m 'not slow and not gpu': without)
 #   ./run.sh setup                  only create/update .venv
 #   ./run.sh gpu-prepare [args]     wheels and files for the GPU check into .gpu/ (bench/gpu/prepare.py; network)
 # TORCH_SPEC overrides the torch requirement (default torch==2.13.0, the CPU wheel this project is developed on).

@@ -149,6 +149,7 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int], fuse: bool =
     if fuse:
         fuse_gated_mlps(model)  # the same numbers, a quarter less MLP activation memory
         fuse_rms_norms(model)  # the same forward, a closed-form backward: a fifth of the passes
+    keep_4bit_layout(model)
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -178,6 +179,16 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int], fuse: bool =
         fuse_lora_linears(model)  # each plain LoRA layer as one function: scales folded, one elementwise pass
     return model
 
+
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking the 4-bit weights for CPU inference. On a CPU with AVX512-BF16,
+    bitsandbytes (0.50) repacks a Linear4bit's weight the first time the layer runs in eval mode without
+    gradients (orpo's evaluations) and from then on, training too, multiplies through a bf16 kernel that has no
+    backward: no gradient through the 4-bit layers, bf16 instead of the compute dtype, and under FSDP2 every
+    re-gathered shard read in the wrong layout (the FSDP2 QLoRA test in tests/test_distributed.py)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 def new_token_rows(model, new_token_ids: list[int]) -> dict[str, list[int]]:
     """Layers whose rows for the new ChatML tokens must train: input embeddings, and the output head
