@@ -43,7 +43,7 @@ def main() -> None:
     pairs = bt.hh_rlhf_pairs(s, n) if s.data == "hh-rlhf" else bt.random_pairs(s, n, 49_152 if s.model == "smollm2" else 128_256, seed=1)
     source = bt.model_source(s, cache)
     prof = profile(activities=[ProfilerActivity.CPU])
-    import orpo.train.loop as loop
+    import orpo.training.loop as loop
 
     if a.system == "trl":
         import transformers

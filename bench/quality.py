@@ -116,7 +116,7 @@ def held_out(spec: str, files: dict[str, Path], name: str, setting: Setting) -> 
 
 def run_setting(files, name: str, setting: Setting, work: Path, reuse: bool = False) -> Result:
     """Train (or, with `reuse`, read a finished run of the same setting back) and report validation metrics."""
-    from orpo.train.loop import train
+    from orpo.training.loop import train
 
     out = work / name / setting.name
     if reuse and (out / "summary.json").is_file():
@@ -153,7 +153,7 @@ def trl_run(files, name: str, setting: Setting, work: Path) -> dict:
     from orpo.data.pairs import load_pairs
     from orpo.model.builtin import builtin_model_dir
     from orpo.model.load import load_tokenizer
-    from orpo.train.heldout import evaluate_all
+    from orpo.training.heldout import evaluate_all
 
     config = config_for(files, name, setting, work / name / "trl-orpo-config", eval_on="test")
     tokenizer, _ = load_tokenizer(config)
@@ -229,7 +229,7 @@ def reading(r: Result) -> str:
 
 
 def markdown(results: list[Result], chosen: dict[str, Result], trl: dict[str, dict], command: str) -> str:
-    from orpo.train.heldout import change_cell
+    from orpo.training.heldout import change_cell
 
     out = ["# Does training help? SmolLM2-135M-Instruct + LoRA on real preference data", "",
            f"`{command}`, {time.strftime('%Y-%m-%d')}, 2-core CPU, nothing else running. Preference accuracy: share of "

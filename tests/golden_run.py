@@ -15,7 +15,7 @@ def golden_run(work: Path) -> dict[str, list[float]]:
     """Per-step metrics of a 5-step LoRA run (GA 2, dropout on) on the seeded tiny chat model, in the plain
     (reference) layout: dropout draws its masks per token, so the packed layout draws other masks."""
     from orpo.config import load_config
-    from orpo.train.loop import train
+    from orpo.training.loop import train
 
     model_dir = make_model_dir(work / "model", chat=True, seed=0)
     data = write_jsonl(work / "pairs.jsonl", PAIRS * 4)

@@ -12,8 +12,8 @@ from torch.testing import assert_close
 
 from orpo.config import ConfigError, load_config
 from orpo.model.fast.attention import PACKED_MODEL_TYPES, _window, packed_problem, register_split
-from orpo.train.layout import SPLIT, Layout, pack, pair_length
-from orpo.train.logps import check_packed, forward_logps
+from orpo.training.layout import SPLIT, Layout, pack, pair_length
+from orpo.training.logps import check_packed, forward_logps
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -136,7 +136,7 @@ def test_training_an_unsupported_model_stops_before_any_step(tmp_path, pairs_fil
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from conftest import make_tokenizer, tiny_overrides
-    from orpo.train.loop import train
+    from orpo.training.loop import train
 
     tokenizer = make_tokenizer(chat=True)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4)).save_pretrained(tmp_path / "gpt2")
@@ -170,7 +170,7 @@ def test_the_run_uses_the_split_on_a_cpu_only_for_the_packed_layout(chat_model_d
     """run_layout: an sdpa model goes pair by pair on a CPU with the packed layout (one row per pass); the
     plain layout, eager and other devices keep their kernel."""
     from conftest import make_tokenizer
-    from orpo.train.heldout import run_layout
+    from orpo.training.heldout import run_layout
 
     tokenizer = make_tokenizer(chat=True)
     for layout, kernel, device, want in [("packed", "sdpa", "cpu", SPLIT), ("plain", "sdpa", "cpu", "sdpa"),

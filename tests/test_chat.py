@@ -76,7 +76,7 @@ def test_every_prompt_path_feeds_the_ids_training_used(tmp_path):
     from orpo.config import load_config
     from orpo.data.pairs import token_spec, tokenize_batch
     from orpo.model.load import load_tokenizer
-    from orpo.train.heldout import generate_replies
+    from orpo.training.heldout import generate_replies
 
     folder = make_model_dir(tmp_path / "bos_model", chat=False)
     tok = AutoTokenizer.from_pretrained(folder)

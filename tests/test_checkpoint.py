@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_overrides as overrides
 from orpo.cli import main
-from orpo.train.checkpoint import load_plain
+from orpo.training.checkpoint import load_plain
 
 
 class RunsCode:

@@ -16,7 +16,7 @@ def test_defaults_are_trls_and_the_demo_has_its_own_preset(monkeypatch, tmp_path
 
     from trl.experimental.orpo import ORPOConfig
 
-    import orpo.train.loop
+    import orpo.training.loop
 
     cfg = load_config()
     assert cfg.model.name_or_path == "builtin" and cfg.data.path == "builtin"
@@ -29,7 +29,7 @@ def test_defaults_are_trls_and_the_demo_has_its_own_preset(monkeypatch, tmp_path
     assert cfg.report_to == [] and cfg.bf16 is False  # TRL's bf16=None: on only where a GPU has it
 
     seen = []
-    monkeypatch.setattr(orpo.train.loop, "train", lambda config, finish=None: seen.append(config) or {})
+    monkeypatch.setattr(orpo.training.loop, "train", lambda config, finish=None: seen.append(config) or {})
     assert main(["train", "max_steps=2"]) == 0
     (tmp_path / "mine.yaml").write_text("output_dir: somewhere\n")
     assert main(["train", str(tmp_path / "mine.yaml"), "max_steps=2"]) == 0
@@ -72,7 +72,7 @@ def test_the_fast_path_is_the_default_and_its_budget_follows_the_device():
     micro-batch (2 x batch x max_length) on a GPU; flex_attention packs one row per pass."""
     import torch
 
-    from orpo.train.layout import make_layout
+    from orpo.training.layout import make_layout
 
     cfg = load_config(None, ["max_length=512", "max_prompt_length=256", "per_device_train_batch_size=2"])
     assert cfg.layout == "packed" and cfg.max_tokens_per_batch is None and cfg.logps_chunk_size is None

@@ -24,7 +24,7 @@ DRIVER = """
 import os, signal, sys
 fail_rank, when, how, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 if int(os.environ.get("RANK", "0")) == fail_rank:  # fail at the when-th loss, or the first once path `when` exists
-    import orpo.train.loop as loop
+    import orpo.training.loop as loop
     real, calls = loop.orpo_loss, [0]
 
     def failing(*a, **k):
@@ -136,7 +136,7 @@ def test_a_launch_that_got_one_of_several_processes_says_so(monkeypatch):
     """`accelerate launch --cpu --num_processes 2` runs one process with MASTER_ADDR set: orpo stops (exit 2)
     and names the commands that do start several; a plain run or a real one-process launch is not refused."""
     from orpo.config import ConfigError
-    from orpo.train.engine import check_launch
+    from orpo.training.engine import check_launch
 
     for name in ("MASTER_ADDR", "WORLD_SIZE", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(name, raising=False)

@@ -138,7 +138,7 @@ def test_orca_openai_format_inspect_counts(tok, tmp_path):
 
 @pytest.mark.skipif(not (HH.exists() and ORCA.exists()), reason="shared data not present")
 def test_real_data_mixture_trains_a_few_steps(chat_model_dir, tmp_path):
-    from orpo.train.loop import train
+    from orpo.training.loop import train
 
     mixture = f"[{{path: {HH}, num_samples: 24, max_length: 200}}, {{path: {ORCA}, num_samples: 12}}]"
     overrides = [f"model.name_or_path={chat_model_dir}", f"data.mixture={mixture}", "data.test_size=4", f"output_dir={tmp_path / 'run'}",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orpo.config import ConfigError, load_config
-from orpo.train.engine import configure_engine, fusable, passes, plain, sharded
+from orpo.training.engine import configure_engine, fusable, passes, plain, sharded
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 EXPECTED = {"ddp": "MULTI_GPU", "fsdp2-lora": "FSDP", "fsdp2-qlora": "FSDP", "fsdp2-full": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}

@@ -1,4 +1,4 @@
-"""Tests for orpo.train.layout: the shared-prompt sequence worked by hand, and packing properties."""
+"""Tests for orpo.training.layout: the shared-prompt sequence worked by hand, and packing properties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orpo.model.fast.attention import allowed
-from orpo.train.layout import CHOSEN, PROMPT, REJECTED, Layout, pack, packed_batch, pair_length, plain_batch
+from orpo.training.layout import (
+    CHOSEN,
+    PROMPT,
+    REJECTED,
+    Layout,
+    pack,
+    packed_batch,
+    pair_length,
+    plain_batch,
+)
 
 
 def record(p, c, r, start=10):

@@ -1,4 +1,4 @@
-"""Tests for orpo.train.logps: the chunked output layer against full logits, and the packed layout against the
+"""Tests for orpo.training.logps: the chunked output layer against full logits, and the packed layout against the
 plain layout through real (tiny) models: per-pair log-probs, loss, every metric and every gradient.
 
 The plain layout (full logits, [chosen; rejected] rows) is the reference; the packed layout must equal it
@@ -17,10 +17,10 @@ from torch.testing import assert_close
 from orpo.config import load_config
 from orpo.data.pairs import TokenSpec, end_of_turn_id, to_messages, tokenize_pair
 from orpo.model.load import load_model, load_tokenizer
-from orpo.train.layout import Layout, pack, packed_batch, pair_length, plain_batch
-from orpo.train.logps import Head, default_chunk, forward_logps, head_logps, output_head
-from orpo.train.loop import global_norm
-from orpo.train.loss import add_stats, finish_metrics, orpo_loss
+from orpo.training.layout import Layout, pack, packed_batch, pair_length, plain_batch
+from orpo.training.logps import Head, default_chunk, forward_logps, head_logps, output_head
+from orpo.training.loop import global_norm
+from orpo.training.loss import add_stats, finish_metrics, orpo_loss
 from test_loss import METRICS, ONE_PROCESS
 
 # ---------------------------------------------------------------- 1. the chunked output layer
@@ -59,10 +59,10 @@ def test_head_logps_equal_full_logits(trained, keep, bias, rows, softcap, chunk,
     """N = 47 tokens in chunks of 8 (last one 7) or one chunk: values and the gradients of hidden states,
     weight, bias and the trained rows equal full logits through autograd (fp32, 1e-5); a trained layer's
     d log p / d logits kept by the forward or recomputed by the backward."""
-    import orpo.train.logps
+    import orpo.training.logps
 
     if not keep:
-        monkeypatch.setattr(orpo.train.logps, "KEEP_ELEMENTS", 0)
+        monkeypatch.setattr(orpo.training.logps, "KEEP_ELEMENTS", 0)
     hidden, weight, b, idx, delta, cap, target = head_case(trained, bias, rows, softcap)
     upstream = torch.linspace(-1.0, 2.0, hidden.shape[0])  # (N,) any incoming gradient
     inputs = [t for t in (hidden, weight, b, delta) if t is not None and t.requires_grad]
@@ -93,10 +93,10 @@ def test_head_saves_nothing_of_vocabulary_size(trained, monkeypatch):
     """The autograd graph keeps no (tokens x vocabulary) tensor: memory is O(chunk x V) during the call
     and O(N x H) after it (full logits would keep N x V = 2,000 x 5,000 floats), once N x V is past what a
     trained layer may keep (KEEP_ELEMENTS, here lowered under N x V)."""
-    import orpo.train.logps
+    import orpo.training.logps
 
     n, h, v = 2000, 16, 5000
-    monkeypatch.setattr(orpo.train.logps, "KEEP_ELEMENTS", n * v - 1)
+    monkeypatch.setattr(orpo.training.logps, "KEEP_ELEMENTS", n * v - 1)
     hidden = torch.randn(n, h, requires_grad=True)
     weight = torch.randn(v, h, requires_grad=trained)
     target = torch.randint(0, v, (n,))
@@ -365,6 +365,6 @@ def test_packed_matches_plain_in_bf16_on_the_gpu(wide_model_dir, kernel, qlora, 
 
 
 def causal_lm_kernel(model) -> str:
-    from orpo.train.logps import causal_lm
+    from orpo.training.logps import causal_lm
 
     return causal_lm(model).config._attn_implementation

@@ -17,9 +17,9 @@ from conftest import tiny_overrides as overrides
 from conftest import write_jsonl
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.train.checkpoint import list_checkpoints, resolve_checkpoint
-from orpo.train.loop import train
-from orpo.train.optim import make_scheduler
+from orpo.training.checkpoint import list_checkpoints, resolve_checkpoint
+from orpo.training.loop import train
+from orpo.training.optim import make_scheduler
 
 TRAIN_KEYS = {
     "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/rejected",
@@ -281,7 +281,7 @@ def test_skipping_non_finite_steps_counts_them_and_saves_finite_json(chat_model_
 def test_one_epoch_visits_every_pair_once(chat_model_dir, tmp_path, monkeypatch):
     """26 training pairs, batch 2, GA 4, 1 epoch: 13 micro-batches in 4 steps (the last holds 1), every pair once,
     logged epoch 1.0 at the end."""
-    import orpo.train.loop as loop
+    import orpo.training.loop as loop
 
     rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i}."} for i in range(30)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -374,10 +374,10 @@ def test_resume_refuses_other_settings_and_allows_what_cannot_change_the_result(
 def test_a_tracker_that_is_not_installed_is_a_config_error(chat_model_dir, pairs_file, tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    import orpo.train.tracking
+    import orpo.training.tracking
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(orpo.train.tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(orpo.training.tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     out = tmp_path / "run"
     assert main(["train", *overrides(chat_model_dir, pairs_file, out, report_to="wandb")]) == 2
     assert "report_to=wandb: the wandb package is not installed (pip install wandb" in capsys.readouterr().err

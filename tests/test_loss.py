@@ -1,4 +1,4 @@
-"""Tests for orpo.train.loss: hand-worked numbers, a stable log1mexp, accumulation, and parity with TRL 1.16.
+"""Tests for orpo.training.loss: hand-worked numbers, a stable log1mexp, accumulation, and parity with TRL 1.16.
 
 Notation (see loss.py): a = ln 2; l = mean log-prob of the response tokens; p = e^l; odds = p / (1 - p);
 z = log(odds_w / odds_l) = (l_w - l_l) - (log(1 - e^l_w) - log(1 - e^l_l)); L = NLL - beta * logsigmoid(z).
@@ -15,10 +15,10 @@ from torch.testing import assert_close
 
 from conftest import PAIRS
 from orpo.data.pairs import IGNORE, TokenSpec, end_of_turn_id, to_messages, tokenize_pair
-from orpo.train.layout import plain_batch
-from orpo.train.logps import forward_logps
-from orpo.train.loop import global_norm
-from orpo.train.loss import Norm, add_stats, finish_metrics, log1mexp, loss_masks, orpo_loss
+from orpo.training.layout import plain_batch
+from orpo.training.logps import forward_logps
+from orpo.training.loop import global_norm
+from orpo.training.loss import Norm, add_stats, finish_metrics, log1mexp, loss_masks, orpo_loss
 
 A = math.log(2.0)
 LN2 = math.log(2.0)

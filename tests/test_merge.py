@@ -11,7 +11,7 @@ from conftest import PAIRS, tiny_overrides, write_jsonl
 from orpo.after.card import finish_run
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.train.loop import train
+from orpo.training.loop import train
 
 
 @pytest.fixture(scope="module")

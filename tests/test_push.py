@@ -12,7 +12,7 @@ from conftest import PAIRS, tiny_overrides, write_jsonl
 from orpo.after.card import finish_run
 from orpo.cli import main
 from orpo.config import load_config
-from orpo.train.loop import train
+from orpo.training.loop import train
 
 TOKEN = "hf_SECRETtokenDoNotLeak123"
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}

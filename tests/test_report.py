@@ -121,7 +121,7 @@ def test_preference_accuracy_carries_its_standard_error_everywhere(report_run, c
 
 
 def test_standard_error_cells():
-    from orpo.train.heldout import change_cell, metric_cell, standard_error
+    from orpo.training.heldout import change_cell, metric_cell, standard_error
 
     assert standard_error(0.5, 100) == pytest.approx(0.05) and standard_error(1.0, 8) == 0.0
     before = {"rewards/accuracies": 0.4, "rewards/accuracies_se": 0.03, "loss": 1.5}

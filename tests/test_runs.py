@@ -66,7 +66,7 @@ def test_the_users_flag_allows_it(remote_code_folder, capsys):
 def finished_run(chat_model_dir, tmp_path_factory):
     from conftest import PAIRS, tiny_overrides, write_jsonl
     from orpo.after.card import finish_run
-    from orpo.train.loop import train
+    from orpo.training.loop import train
 
     tmp = tmp_path_factory.mktemp("finished")
     data = write_jsonl(tmp / "pairs.jsonl", PAIRS * 4)

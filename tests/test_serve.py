@@ -133,7 +133,7 @@ def test_an_adapter_with_embedding_rows_is_served_merged(chat_model_dir, tmp_pat
 def test_a_chatml_run_is_merged_checked_then_served(base_model_dir, tmp_path, started, monkeypatch, capsys):
     """A real ChatML run (base without a template: its new token rows train): merged once, reused after."""
     from orpo.after.card import finish_run
-    from orpo.train.loop import train
+    from orpo.training.loop import train
 
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     run = tmp_path / "run"

@@ -4,16 +4,18 @@ Parsing only; no logic."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 # MKL may otherwise use fewer threads than asked when the cores are busy, which changes the order of float sums:
 # a seeded run must give the same numbers whatever else the machine is doing. Set before torch loads MKL.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-from .config import DEMO, ConfigError, describe_keys, load_config  # noqa: E402
+from .config import DEMO, ConfigError, describe_keys, load_config, parse_overrides  # noqa: E402
 from .hub_errors import HubError  # noqa: E402
 
 
@@ -30,14 +32,14 @@ def is_main_process() -> bool:
 
 
 def cmd_train(args) -> int:
+    from . import api
+
     path, overrides = _split_args(args.items)
     config = load_config(path, overrides, preset=DEMO if path is None else None)  # no file: the embedded demo
-    from .after.card import finish_run
-    from .train.loop import train
-
-    summary = train(config, finish=finish_run)  # finish: report.html, plots/, final/README.md
+    run = api.train(config)
     if not is_main_process():  # under torchrun / accelerate launch, rank 0 alone prints
         return 0
+    summary = run.summary
     if "after" in summary:
         from .after.eval import table
 
@@ -60,17 +62,37 @@ def _remote_code(args) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from .after.eval import run_eval
+    from . import api
+    from .after.eval import results_text
+    from .training.tracking import strict_json
 
-    harness = dict(tasks=args.lm_eval.split(","), include_path=args.lm_eval_include, limit=args.lm_eval_limit) if args.lm_eval else None
-    return run_eval(args.target, [*args.items, *_remote_code(args)], args.data, args.compare, args.samples, not args.no_generate,
-                    args.output, harness, args.json)
+    items = [*args.items, *_remote_code(args)]
+    harness = dict(lm_eval=args.lm_eval.split(","), lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit) if args.lm_eval else {}
+    results = api.evaluate(args.target, args.data, compare=args.compare, samples=args.samples, generate=not args.no_generate,
+                           **harness, **parse_overrides(items))
+    if args.output or args.json:
+        text = strict_json(results)
+        if args.output:
+            Path(args.output).write_text(text)
+        if args.json:
+            print(text)
+            return 0
+    print(results_text(args.target, items, args.data, results, bool(args.lm_eval)))
+    return 0
 
 
 def cmd_merge(args) -> int:
-    from .after.merge import run_merge
+    from . import api
+    from .after.merge import merged_text
 
-    return run_merge(args.run_dir, args.dtype, args.out, args.max_shard_size, _remote_code(args))
+    try:
+        merged = api.merge(args.run_dir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                           trust_remote_code=args.trust_remote_code)
+    except api.CheckFailed as exc:
+        print(merged_text(Path(args.out), args.dtype, exc.result))
+        return 1
+    print(merged_text(merged.path, args.dtype, merged.check))
+    return 0
 
 
 def cmd_push(args) -> int:
@@ -87,9 +109,14 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .after.export import run_export
+    from . import api
 
-    return run_export(args.target, args.gguf, args.type, args.quantize or [], args.modelfile, args.force, _remote_code(args))
+    try:
+        api.export(args.target, args.gguf, type=args.type, quantize=args.quantize or [], modelfile=args.modelfile,
+                   force=args.force, trust_remote_code=args.trust_remote_code)
+    except api.CheckFailed:  # the check's lines are printed as it runs
+        return 1
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -106,19 +133,24 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .after.report import run_report
+    from . import api
 
-    return run_report(args.run_dir)
+    path = api.report(args.run_dir)
+    print(f"report: {path}  (plots in {Path(args.run_dir) / 'plots'})")
+    return 0
 
 
 def cmd_data_inspect(args) -> int:
-    path, overrides = _split_args(args.items)
-    config = load_config(path, overrides)
-    from .data.doctor import run_inspect
-    from .model.load import load_tokenizer
+    import datasets
 
-    tokenizer, _ = load_tokenizer(config)  # the data stage comes before the model stage: its caller brings the tokenizer
-    return run_inspect(config, tokenizer, args.json)
+    from . import api
+    from .data.doctor import format_report
+
+    path, overrides = _split_args(args.items)
+    datasets.disable_progress_bars()
+    result = api.inspect_data(load_config(path, overrides))
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 1 if result["errors"] else 0
 
 
 EXIT_CODES = """exit status: 0 done, 1 failed (a run, a check or a file error), 2 bad usage or config.

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .trl_names import translate as translate_trl
 
 BUILTIN = "builtin"
+MEMORY = "<memory>"  # data.path of a run whose rows were handed over in memory (ORPOTrainer's datasets)
 BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what model/builtin.py converts from its GGUF
 
 
@@ -96,7 +97,7 @@ class MixtureEntry(_Section):
 
 
 class DataConfig(_Section):
-    path: str = Field(BUILTIN, description="Local .jsonl/.json/.parquet/.csv file or folder, a Hub dataset name, or 'builtin' (the generated demo set).")
+    path: str = Field(BUILTIN, description="Local .jsonl/.json/.parquet/.csv file or folder, a Hub dataset name, or 'builtin' (the generated demo set); '<memory>' in a run trained on rows given in Python (ORPOTrainer).")
     name: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read from path.")
     eval_path: str | None = Field(None, description="Separate evaluation file or Hub dataset; when set, test_size is not used.")
@@ -216,7 +217,7 @@ class Config(_Section):
             raise ValueError("model.gguf_file cannot be combined with model.load_in_4bit")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (use num_train_epochs) or positive, got {self.max_steps}")
-        if self.data.eval_path is None and not self.data.builtin and self.data.test_size == 0 and (self.eval_on_start or self.eval_steps is not None):
+        if self.data.eval_path is None and not self.data.builtin and self.data.path != MEMORY and self.data.test_size == 0 and (self.eval_on_start or self.eval_steps is not None):
             raise ValueError("no evaluation data: set data.test_size > 0 or data.eval_path, or eval_steps=null and eval_on_start=false")
         return self
 
@@ -282,6 +283,8 @@ def _parse_value(text: str) -> Any:
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """tree[a][b] = value for "a.b"; a mapping set on a section is merged into it (model={...} keeps the other
+    model keys)."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -289,6 +292,10 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: '{key}' is not a section")
         node = child
+    if isinstance(value, dict) and isinstance(node.get(keys[-1]), dict):
+        for key, item in value.items():
+            _set_path(node[keys[-1]], str(key), item)
+        return
     node[keys[-1]] = value
 
 
@@ -370,37 +377,74 @@ def build_config(tree: dict[str, Any], source: str | None = None) -> Config:
         raise config_error(_problems(exc.errors()), source) from None
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The config tree of a YAML file; ConfigError (one line: file, line) when it cannot be one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 text") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: line {exc.line}: key '{exc.key}' appears twice in the same section") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return tree
+
+
+def _finish(tree: dict[str, Any], overrides, source: str | None) -> Config:
+    """`tree` with (dotted key, value) `overrides` set, TRL's names translated, validated."""
+    for key, value in overrides:
+        _set_path(tree, key, value)
+    tree, problems = translate_trl(tree, set(Config.model_fields))
+    if problems:
+        raise config_error(problems, source)
+    return build_config(tree, source)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Command-line `a.b=value` items -> {"a.b": value}, each value read as YAML (3 an int, true a bool, [a, b] a list)."""
+    pairs = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-5)")
+        pairs[key.strip()] = _parse_value(text)
+    return pairs
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), preset: dict[str, Any] | None = None) -> Config:
     """Defaults <- `preset` (e.g. DEMO) or YAML file <- `a.b=value` overrides, validated."""
     tree: dict[str, Any] = json.loads(json.dumps(preset)) if preset else {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise ConfigError(f"{path}: line {line} is not UTF-8 text") from None
-        try:
-            tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-        except _DuplicateKey as exc:
-            raise ConfigError(f"{path}: line {exc.line}: key '{exc.key}' appears twice in the same section") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. learning_rate=1e-5)")
-        _set_path(tree, key.strip(), _parse_value(text))
-    tree, problems = translate_trl(tree)
-    source = str(path) if path is not None else None
-    if problems:
-        raise config_error(problems, source)
-    return build_config(tree, source)
+        tree = read_yaml(path)
+    return _finish(tree, list(parse_overrides(overrides).items()), str(path) if path is not None else None)
+
+
+def make_config(source: str | Path | dict[str, Any] | Config | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """A Config from a YAML file's path, a dict (nested sections, or dotted keys such as "lora.r"), a Config, or
+    None for the embedded demo's preset (what `orpo train` runs without a file); `overrides` ({key: value}, dotted
+    keys allowed) go on top. Raises ConfigError naming every bad key."""
+    if source is None:
+        tree, name = json.loads(json.dumps(DEMO)), None
+    elif isinstance(source, Config):
+        tree, name = json.loads(source.model_dump_json()), None
+    elif isinstance(source, dict):
+        tree, name = {}, None
+        for key, value in source.items():
+            _set_path(tree, str(key), value)
+    elif isinstance(source, str | Path):
+        tree, name = read_yaml(source), str(source)
+    else:
+        raise ConfigError(f"config: expected a YAML file's path, a dict or a Config, got {type(source).__name__}")
+    return _finish(tree, list((overrides or {}).items()), name)
 
 
 def save_config(config: Config, path: str | Path) -> None:

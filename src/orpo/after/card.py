@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from ..config import BUILTIN, BUILTIN_HUB_ID, Config, load_config
-from ..train.heldout import HELD_OUT_ROWS, change_cell, metric_cell
-from ..train.tracking import framework_versions
+from ..training.heldout import HELD_OUT_ROWS, change_cell, metric_cell
+from ..training.tracking import framework_versions
 from .report import PLOTS, read_metrics, write_plots, write_report
 from .runs import MERGED_CONFIG, is_run
 
@@ -180,7 +180,7 @@ def write_card(folder: str | Path) -> Path:
 
 def finish_run(run_dir: Path) -> None:
     """What this stage adds to a finished `orpo train` run (its main process, once final/ and summary.json are
-    written; train.loop.train calls it as `finish`): report.html with plots/, then final/README.md."""
+    written; training.loop.train calls it as `finish`): report.html with plots/, then final/README.md."""
     write_report(run_dir)  # report.html + plots/*.png from metrics.jsonl and summary.json
     write_card(run_dir / "final")  # final/README.md: the model card `orpo push` uploads
 

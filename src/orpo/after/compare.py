@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ..train.heldout import HELD_OUT_ROWS, change_cell, metric_cell
+from ..training.heldout import HELD_OUT_ROWS, change_cell, metric_cell
 from .report import STYLE, curves_png, duration, read_metrics, series
 
 # (title, y-axis label, metric key): drawn for every run, train solid and eval (eval_KEY) dashed.

@@ -1,7 +1,7 @@
 """`orpo eval`: held-out metrics of a run, a merged model or a base model, alone or side by side.
 
 The held-out split is rebuilt from the run's config (`data.pairs.load_pairs`), and the metrics come from
-`train.heldout.evaluate_all`, the function training used for summary.json's `before`/`after`: for a finished run
+`training.heldout.evaluate_all`, the function training used for summary.json's `before`/`after`: for a finished run
 the numbers equal summary.json's `after`; for its base model (LoRA B = 0 at step 0) they equal `before`.
 """
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..data.pairs import load_pairs, to_messages
-from ..train.heldout import HELD_OUT_ROWS, change_cell, format_metric, generate_replies, metric_cell
-from ..train.tracking import strict_json
+from ..training.heldout import HELD_OUT_ROWS, change_cell, format_metric, generate_replies, metric_cell
 from .runs import Target, load, resolve
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ def evaluate_target(target: Target, samples: int = 8, generate: bool = True, har
     ({tasks, include_path, limit}), lm-evaluation-harness results under "lm_eval"."""
     from accelerate import Accelerator
 
-    from ..train.heldout import evaluate_all
+    from ..training.heldout import evaluate_all
 
     config = target.config
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
@@ -109,31 +108,29 @@ def harness_table(names: list[str], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(spec: str, overrides: list[str], data: str | None, compare: str | None, samples: int, generate: bool,
-             json_out: str | None = None, harness: dict | None = None, as_json: bool = False) -> int:
-    """`orpo eval`: print the table (and samples), or with `as_json` the results as JSON on stdout; `json_out`: also
-    write them to that file. With `compare`, that model is the first column."""
+def evaluate_targets(spec: str, overrides: list[str], data: str | None = None, compare: str | None = None, samples: int = 4,
+                     generate: bool = True, harness: dict | None = None) -> dict[str, dict]:
+    """{name: metrics} of `spec` and, first, of `compare` (a base model is measured on the same split); `data`
+    sets data.path, `overrides` are key=value items."""
     if data is not None:
         overrides = [f"data.path={data}", *overrides]
     target = resolve(spec, overrides)
     targets = [target]
     if compare is not None:
         targets.insert(0, resolve(compare, like=target.config))  # a base model is measured on the same split
-    names = [t.spec for t in targets]
-    results = [evaluate_target(t, samples, generate, harness) for t in targets]
-    if json_out or as_json:
-        text = strict_json(dict(zip(names, results, strict=True)))
-        if json_out:
-            Path(json_out).write_text(text)
-        if as_json:
-            print(text)
-            return 0
-    print("\n" + table(names, results))
+    return {t.spec: evaluate_target(t, samples, generate, harness) for t in targets}
+
+
+def results_text(spec: str, overrides: list[str], data: str | None, results: dict[str, dict], harness: bool) -> str:
+    """What `orpo eval` prints for evaluate_targets' results (same arguments): the table, lm-eval's, the
+    comparison with summary.json, generation samples."""
+    names, values = list(results), list(results.values())
+    parts = ["\n" + table(names, values)]
     if harness:
-        print("\n" + harness_table(names, results))
-    check = summary_check(target, results[-1])
+        parts.append("\n" + harness_table(names, values))
+    check = summary_check(resolve(spec, ([f"data.path={data}"] if data is not None else []) + list(overrides)), values[-1])
     if check:
-        print(check)
-    if any(r.get("samples") for r in results):
-        print("\ngeneration samples (greedy):" + samples_text(names, results))
-    return 0
+        parts.append(check)
+    if any(r.get("samples") for r in values):
+        parts.append("\ngeneration samples (greedy):" + samples_text(names, values))
+    return "\n".join(parts)

@@ -106,20 +106,35 @@ def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts
     return MergeCheck(diff, scale, TOLERANCE[dtype] * scale, float(agree), effect)
 
 
-def run_merge(run_dir: str, dtype: str, out: str, max_shard_size: str = "2GB", overrides: list[str] | tuple[str, ...] = ()) -> int:
-    """`orpo merge`: merge, save, verify; exit status 1 when the check fails."""
+def merge_and_check(run_dir: str, dtype: str, out: str, max_shard_size: str = "2GB",
+                    overrides: list[str] | tuple[str, ...] = ()) -> tuple[Path, MergeCheck]:
+    """merge_run, then check_merge; the check goes to OUT/orpo_merge.json, the model card to OUT/README.md."""
     path = merge_run(run_dir, dtype, out, max_shard_size, overrides)
-    files = sorted(p.name for p in path.iterdir())
-    print(f"merged model ({dtype}) saved to {path}: {', '.join(files)}")
     check = check_merge(run_dir, path, dtype, overrides=overrides)
     (path / "orpo_merge.json").write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()), "dtype": dtype, **check.__dict__, "passed": check.passed}, indent=2))
     write_card(path)  # README.md: the model card `orpo push` uploads
+    return path, check
+
+
+def check_text(dtype: str, check: MergeCheck) -> str:
+    """The check in words, as `orpo merge` prints it."""
     verdict = "PASS" if check.passed else "FAIL"
-    print(
-        f"logit check vs the adapter model on {len(PROMPTS)} prompts: max |diff| = {check.max_abs_diff:.3e} "
-        f"(tolerance {check.tolerance:.3e} = {TOLERANCE[dtype]:g} x max |logit| {check.scale:.2f}), "
-        f"top-1 agreement {100 * check.top1_agreement:.1f}%: {verdict}"
-    )
+    text = (f"logit check vs the adapter model on {len(PROMPTS)} prompts: max |diff| = {check.max_abs_diff:.3e} "
+            f"(tolerance {check.tolerance:.3e} = {TOLERANCE[dtype]:g} x max |logit| {check.scale:.2f}), "
+            f"top-1 agreement {100 * check.top1_agreement:.1f}%: {verdict}")
     if check.adapter_effect is not None:
-        print(f"(for scale: the adapter itself moves the base model's logits by up to {check.adapter_effect:.3e})")
+        text += f"\n(for scale: the adapter itself moves the base model's logits by up to {check.adapter_effect:.3e})"
+    return text
+
+
+def merged_text(path: Path, dtype: str, check: MergeCheck) -> str:
+    """What `orpo merge` prints: the folder, its files and the check."""
+    files = ", ".join(sorted(p.name for p in path.iterdir()))
+    return f"merged model ({dtype}) saved to {path}: {files}\n{check_text(dtype, check)}"
+
+
+def run_merge(run_dir: str, dtype: str, out: str, max_shard_size: str = "2GB", overrides: list[str] | tuple[str, ...] = ()) -> int:
+    """Merge and check, printing what `orpo merge` prints; 1 when the check fails (orpo serve's merge step)."""
+    path, check = merge_and_check(run_dir, dtype, out, max_shard_size, overrides)
+    print(merged_text(path, dtype, check))
     return 0 if check.passed else 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import BUILTIN, BUILTIN_HUB_ID
 from ..data.sources import dropped_words
-from ..train.heldout import HELD_OUT_ROWS, change_cell, metric_cell
+from ..training.heldout import HELD_OUT_ROWS, change_cell, metric_cell
 
 # (file stem, title, y-axis label, metric keys drawn together); each key is drawn for train and, prefixed eval_,
 # for eval.
@@ -212,6 +212,21 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.html"
     path.write_text(page)
     return path
+
+
+def inline_report(run_dir: str | Path) -> str:
+    """The report as an HTML fragment for a notebook (orpo.Run's _repr_html_): the before/after table and the
+    loss, accuracy and margin curves, drawn from the run's files; no style sheet (it would restyle the notebook)."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    lines = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    images = []
+    for stem, title, ylabel, keys in PLOTS:
+        png = plot(lines, title, keys, ylabel) if stem in ("loss", "accuracies", "margins") else None
+        if png is not None:
+            images.append(f"<img style='max-width:32%' alt='{stem}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    return (f"<div><h3>ORPO run {html.escape(str(run_dir))}</h3>{before_after_html(summary)}"
+            f"<div>{''.join(images)}</div></div>")
 
 
 def run_report(run_dir: str) -> int:

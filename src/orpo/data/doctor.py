@@ -171,9 +171,10 @@ def _diagnose(config: Config, tokenizer, prepared: Prepared):
     return result, train, evaluation
 
 
-def load_checked(config: Config, tokenizer):
-    """load_pairs behind the doctor: warnings go to the log, errors stop the run unless data.allow_errors."""
-    prepared = prepare(config, tokenizer)
+def load_checked(config: Config, tokenizer, rows=None):
+    """load_pairs behind the doctor: warnings go to the log, errors stop the run unless data.allow_errors.
+    `rows`: (train rows, eval rows or None) held in memory instead of config.data's sources (pairs.prepare)."""
+    prepared = prepare(config, tokenizer, rows)
     result, train, evaluation = _diagnose(config, tokenizer, prepared)
     for f in result["findings"]:
         (log.error if f["level"] == "error" else log.warning)("data %s: %s (%d rows, e.g. %s)", f["check"], f["message"], f["count"], ", ".join(map(str, f["examples"][:3])))

@@ -37,7 +37,8 @@ import torch
 from ..config import Config
 from ..files import cache_root
 from .formats import DataError, to_messages
-from .sources import DataReport, build_rows, quiet_datasets, read_rows, sample_and_split
+from .sources import DataReport, build_rows, memory_rows, quiet_datasets, read_rows, sample_and_split
+from .templated import Untemplater
 
 __all__ = ["DataError", "DataReport", "read_rows", "sample_and_split", "to_messages"]  # re-exported for callers
 
@@ -291,12 +292,17 @@ class Prepared:
     spec: TokenSpec
 
 
-def prepare(config: Config, tokenizer) -> Prepared:
-    """Sources -> canonical rows -> tokenized rows with stats (nothing dropped yet besides bad/filtered rows)."""
+def prepare(config: Config, tokenizer, rows: tuple[Any, Any] | None = None) -> Prepared:
+    """Sources -> canonical rows -> tokenized rows with stats (nothing dropped yet besides bad/filtered rows).
+    `rows`: (train rows, eval rows or None) held in memory (ORPOTrainer's datasets), used instead of config.data's
+    sources."""
     import datasets
 
     data, report = config.data, DataReport()
-    if data.builtin:
+    if rows is not None:
+        train_rows, eval_rows = memory_rows(*rows, data, report, Untemplater(tokenizer))
+        eval_raw = eval_rows
+    elif data.builtin:
         from .builtin_tasks import generate, prompt_messages
 
         train_raw, eval_raw = (
@@ -314,7 +320,7 @@ def prepare(config: Config, tokenizer) -> Prepared:
         report.read[data.path] = len(train_raw) + len(eval_raw)
         eval_raw = datasets.Dataset.from_list(eval_raw)
     else:
-        train_rows, eval_rows = build_rows(data, report)
+        train_rows, eval_rows = build_rows(data, report, Untemplater(tokenizer))
         eval_raw = eval_rows
     spec = token_spec(tokenizer, config)
     where = cache_dir(config)
@@ -323,9 +329,9 @@ def prepare(config: Config, tokenizer) -> Prepared:
     return Prepared(train_rows, eval_rows, eval_raw, train_tokens, eval_tokens, report, spec)
 
 
-def load_pairs(config: Config, tokenizer, prepared: Prepared | None = None):
-    """Raw rows -> (train, eval or None, raw eval rows, report). Raw eval rows feed task evaluation."""
-    p = prepared or prepare(config, tokenizer)
+def load_pairs(config: Config, tokenizer, prepared: Prepared | None = None, rows: tuple[Any, Any] | None = None):
+    """Raw rows -> (train, eval or None, raw eval rows, report). Raw eval rows feed task evaluation. `rows`: see prepare."""
+    p = prepared or prepare(config, tokenizer, rows)
     train = finish(p.train_tokens, p.report, "train")
     evaluation = None if p.eval_tokens is None else finish(p.eval_tokens, p.report, "eval")
     p.report.train_rows, p.report.eval_rows = len(train), 0 if evaluation is None else len(evaluation)

@@ -18,16 +18,19 @@ import gzip
 import json
 import logging
 import random
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig, MixtureEntry
+from ..config import MEMORY, DataConfig, MixtureEntry
 from .formats import DataError, canonical, detect_format, rename
 
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAMPLES = 5  # example row ids / messages kept per drop reason
+TEMPLATED = {"conversations": "chosen and rejected are whole conversations", "prompt": "the prompt ends with the assistant header"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -214,6 +217,9 @@ def _json_records(local: Path):
 
 def read_records(path: str, name: str | None, split: str):
     """(row id, where, row) for every row of one source; JSON files are parsed here, the rest via datasets."""
+    if path == MEMORY:
+        raise DataError(f"data.path={MEMORY}: this run trained on rows given in memory (ORPOTrainer), which were not "
+                        "saved; name the data to use (orpo eval RUN --data FILE, run.evaluate(data=...))")
     local = Path(path).expanduser()
     if local.is_file() and _kind(local) == "json":
         yield from _json_records(local)
@@ -235,19 +241,26 @@ def entries(data: DataConfig) -> list[MixtureEntry]:
                          num_samples=data.num_samples, min_score=data.min_score, drop_ties=data.drop_ties)]
 
 
-def load_source(entry: MixtureEntry, data: DataConfig, report: DataReport, rng: random.Random) -> list[dict]:
-    """One source -> canonical rows after its score filters and sample size."""
+def canonical_rows(records, entry: MixtureEntry, data: DataConfig, report: DataReport, untemplater=None) -> list[dict]:
+    """(row id, where, row) records of one source -> canonical rows that pass its score filters; rows the chat
+    template already rendered are read back into messages first (data.templated, when `untemplater` is given)."""
     bad = BadRows(data.on_bad_rows, report)
-    rows, read = [], 0
+    rows, read, templated = [], 0, Counter()
     fmt, system_column = entry.format, entry.system_column or data.system_column
-    for row_id, where, raw in read_records(entry.path, entry.name, entry.split):
+    for row_id, where, raw in records:
         read += 1
         try:
             if isinstance(raw, DataError):
                 raise raw
-            if fmt == "auto" and isinstance(raw, dict):  # detect once per source, on its first good row
-                fmt = detect_format(rename(raw, entry.columns, where))
-            pair = canonical(raw, fmt, where, entry.columns, system_column, data.system_prompt)
+            if not isinstance(raw, dict):
+                raise DataError(f"{where}: expected a JSON object (mapping of columns), got {type(raw).__name__}")
+            row = rename(raw, entry.columns, where)
+            if untemplater is not None:
+                row, layout = untemplater.row(row, where)
+                templated[layout] += layout is not None
+            if fmt == "auto":  # detect once per source, on its first good row
+                fmt = detect_format(row)
+            pair = canonical(row, fmt, where, None, system_column, data.system_prompt)
         except DataError as exc:
             bad(exc, row_id)
             continue
@@ -261,6 +274,16 @@ def load_source(entry: MixtureEntry, data: DataConfig, report: DataReport, rng: 
     report.formats[entry.path] = fmt
     if read == 0:
         raise DataError(f"{entry.path}: no rows")
+    for layout, count in templated.items():
+        if count:
+            log.info("%s: %d of %d rows hold text the chat template already rendered (%s); read back into messages%s",
+                     entry.path, count, read, TEMPLATED[layout], "; their prompt column is not used" if layout == "conversations" else "")
+    return rows
+
+
+def load_source(entry: MixtureEntry, data: DataConfig, report: DataReport, rng: random.Random, untemplater=None) -> list[dict]:
+    """One source -> canonical rows after its score filters and sample size."""
+    rows = canonical_rows(read_records(entry.path, entry.name, entry.split), entry, data, report, untemplater)
     size = entry.num_samples if entry.num_samples is not None else None
     if entry.weight is not None:
         size = round(entry.weight * len(rows))
@@ -286,20 +309,50 @@ def _keep_by_score(pair: dict, entry: MixtureEntry, report: DataReport) -> bool:
     return True
 
 
-def build_rows(data: DataConfig, report: DataReport):
+def build_rows(data: DataConfig, report: DataReport, untemplater=None):
     """Canonical (train, eval or None) `datasets.Dataset`s of every source, shuffled and split with data.shuffle_seed."""
     import datasets
 
     rng = random.Random(data.shuffle_seed)
-    rows = [r for entry in entries(data) for r in load_source(entry, data, report, rng)]
+    rows = [r for entry in entries(data) for r in load_source(entry, data, report, rng, untemplater)]
     if not rows:
         raise DataError(f"no usable rows (dropped: {json.dumps(report.dropped)}; bad rows: {report.bad_rows[:2]})")
     train = datasets.Dataset.from_list(rows)
     train, test = sample_and_split(train, data if data.mixture else data.model_copy(update={"num_samples": None}))
     if data.eval_path is not None:
         eval_entry = MixtureEntry(path=data.eval_path, split=data.eval_split, format=data.format, columns=data.columns)
-        test = datasets.Dataset.from_list(load_source(eval_entry, data, report, rng))
+        test = datasets.Dataset.from_list(load_source(eval_entry, data, report, rng, untemplater))
     return train, test
+
+
+def memory_records(rows, name: str):
+    """(row id, where, row) of rows held in memory: a `datasets.Dataset` (a split), a list of mappings or a pandas
+    DataFrame. Row numbers are 1-based, as everywhere."""
+    import datasets
+
+    if isinstance(rows, datasets.DatasetDict):
+        raise DataError(f"{name} is a DatasetDict with splits {', '.join(rows)}: pass one split, e.g. {name}=dataset['train']")
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns") and not isinstance(rows, datasets.Dataset):  # pandas
+        rows = rows.to_dict(orient="records")
+    if isinstance(rows, dict) or isinstance(rows, str) or not hasattr(rows, "__iter__"):
+        raise DataError(f"{name}: expected a datasets.Dataset, a list of rows (mappings) or a DataFrame, got {type(rows).__name__}")
+    for i, row in enumerate(rows, start=1):
+        yield f"{name}:{i}", f"{name} row {i}", row
+
+
+def memory_rows(train_rows, eval_rows, data: DataConfig, report: DataReport, untemplater=None):
+    """Canonical (train, eval or None) `datasets.Dataset`s of rows the caller holds in memory (ORPOTrainer's
+    train_dataset and eval_dataset), in their own order: the caller already chose and split them."""
+    import datasets
+
+    def one(rows, name):
+        entry = MixtureEntry(path=name, format=data.format, columns=data.columns)
+        found = canonical_rows(memory_records(rows, name), entry, data, report, untemplater)
+        if not found:
+            raise DataError(f"{name}: no usable rows (dropped: {json.dumps(report.dropped)}; bad rows: {report.bad_rows[:2]})")
+        return datasets.Dataset.from_list(found)
+
+    return one(train_rows, "train_dataset"), None if eval_rows is None else one(eval_rows, "eval_dataset")
 
 
 def sample_and_split(dataset, cfg: DataConfig):

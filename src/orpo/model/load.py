@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ..config import BUILTIN, Config
 from ..files import atomic_folder
 from ..hub_errors import hub_errors
 from .builtin import builtin_model_dir
+from .chat_format import chatml, resize_embeddings
 from .fast.gated_mlp import fuse_gated_mlps
 from .fast.lora_dropout import fuse_lora_dropout
 from .fast.lora_linear import fuse_lora_linears
@@ -18,14 +20,6 @@ from .fast.rms_norm import fuse_rms_norms
 
 log = logging.getLogger(__name__)
 
-# ChatML, the format of the reference job's set-up: <|im_start|>{role}\n{content}<|im_end|>\n per message.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,18 +72,16 @@ def load_tokenizer(config: Config):
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if mode == "own" and not has_template:
         raise ValueError(f"model.chat_template=own but {config.model.name_or_path} has no chat template; use auto or chatml")
-    new_ids: list[int] = []
-    if mode == "chatml" or not has_template:
-        before = len(tokenizer)
-        tokenizer.add_tokens(list(CHATML_TOKENS), special_tokens=True)
-        new_ids = list(range(before, len(tokenizer)))
-        tokenizer.chat_template = CHATML_TEMPLATE
-        tokenizer.eos_token = "<|im_end|>"
-        log.info("chat template: ChatML set up (%d new tokens)", len(new_ids))
+    new_ids = chatml(tokenizer) if mode == "chatml" or not has_template else []
+    return ready_tokenizer(tokenizer), new_ids
+
+
+def ready_tokenizer(tokenizer):
+    """`tokenizer` with a pad token (its end of sequence when it has none) and right padding, as training needs."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return tokenizer, new_ids
+    return tokenizer
 
 
 def loading_bars() -> None:
@@ -126,7 +118,7 @@ def load_base(config: Config, tokenizer, new_token_ids: list[int], dtype: torch.
     if config.model.gguf_file:
         forget_gguf(model)
     if new_token_ids or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        resize_embeddings(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -145,12 +137,18 @@ def forget_gguf(model) -> None:
 def load_model(config: Config, tokenizer, new_token_ids: list[int], fuse: bool = True):
     """Base model (fp32/16-bit or 4-bit NF4), embeddings resized for new tokens, LoRA attached if enabled.
     `fuse`: swap in orpo's fused layers (the same numbers, less memory and time; off under ZeRO-3)."""
-    model = load_base(config, tokenizer, new_token_ids)
-    if fuse:
-        fuse_gated_mlps(model)  # the same numbers, a quarter less MLP activation memory
-        fuse_rms_norms(model)  # the same forward, a closed-form backward: a fifth of the passes
-    keep_4bit_layout(model)
-    if config.model.load_in_4bit:
+    return prepare_model(load_base(config, tokenizer, new_token_ids), config, new_token_ids, fuse)
+
+
+def prepare_model(model, config: Config, new_token_ids: list[int], fuse: bool = True, lora=None):
+    """A loaded model made ready to train as `config` says: orpo's fused layers (`fuse`), 4-bit training set-up,
+    gradient checkpointing, and LoRA (`lora`: a peft LoraConfig to use instead of config.lora's; a model that is
+    already a peft model keeps its adapters). Logs one line of what was fused."""
+    peft_model = hasattr(model, "peft_config")
+    base = model.get_base_model() if peft_model else model
+    fused = {"gated MLPs": fuse_gated_mlps(base), "RMSNorms": fuse_rms_norms(base)} if fuse else {}
+    keep_4bit_layout(base)
+    if getattr(base, "is_loaded_in_4bit", False) and not peft_model:
         from peft import prepare_model_for_kbit_training
 
         # use_reentrant stated: torch warns without it (a future torch raises), and the non-reentrant form needs
@@ -158,25 +156,24 @@ def load_model(config: Config, tokenizer, new_token_ids: list[int], fuse: bool =
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.gradient_checkpointing:
-        model.config.use_cache = False
-    if not config.lora.enabled:
-        return model
-    from peft import LoraConfig, get_peft_model
+        base.config.use_cache = False
+    if config.lora.enabled and not peft_model:
+        from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        task_type="CAUSAL_LM",
-        trainable_token_indices=new_token_rows(model, new_token_ids) or None,
-    )
-    model = get_peft_model(model, lora)
-    if fuse:
-        fuse_lora_dropout(model)  # same dropout, drawn faster, one bool mask kept instead of two fp32 copies
-        fuse_lora_linears(model)  # each plain LoRA layer as one function: scales folded, one elementwise pass
+        rows = new_token_rows(model, new_token_ids) or None
+        if lora is None:
+            lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                              target_modules=config.lora.target_modules, task_type="CAUSAL_LM", trainable_token_indices=rows)
+        elif rows and not lora.trainable_token_indices:  # the user's config, with the new ChatML rows trained
+            lora = dataclasses.replace(lora, trainable_token_indices=rows)
+        model = get_peft_model(model, lora)
+    if fuse and hasattr(model, "peft_config"):
+        fused["LoRA dropouts"] = fuse_lora_dropout(model)  # same dropout, drawn faster, one bool mask instead of two fp32 copies
+        fused["LoRA layers"] = fuse_lora_linears(model)  # each plain LoRA layer as one function: scales folded
+    if fused:
+        log.info("fast path: fused %s", ", ".join(f"{n} {k}" for k, n in fused.items()))
     return model
 
 

@@ -1,7 +1,7 @@
 """The packed layout's attention structure, in the form the model's attention kernel takes.
 
 Token q of a packed row may read token k when both belong to the same pair, k comes no later than q, and q
-is not a rejected token reading a chosen one (train/layout.py). Sliding-window layers add: position(q) -
+is not a rejected token reading a chosen one (training/layout.py). Sliding-window layers add: position(q) -
 position(k) < window, positions being those each response has alone, so a window cuts exactly where it
 would in the plain layout.
 
@@ -12,7 +12,7 @@ the kernel untouched:
 - flex_attention: a BlockMask, whose fully masked blocks are skipped (CUDA; on the CPU torch runs it only
   without gradients). Opt-in through model.attn_implementation until it has passed the GPU check.
 Models with several layer types (Gemma 2/3, Qwen2/3) take a dict of masks keyed by layer type. The masks
-are built from a packed `train.layout.Batch` (its segment, role and position_ids rows); this stage comes
+are built from a packed `training.layout.Batch` (its segment, role and position_ids rows); this stage comes
 before training, so it reads those fields without importing the class.
 
 On the CPU, sdpa runs as `split_attention` (registered with transformers as SPLIT): one pair at a time, the
@@ -30,7 +30,7 @@ import functools
 import torch
 from torch.nn import functional as F
 
-PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3  # token roles in a packed row (train/layout.py writes them)
+PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3  # token roles in a packed row (training/layout.py writes them)
 SPLIT = "orpo_split_sdpa"  # the attention kernel split_attention registers: it reads a row pair by pair
 # Model types whose forward takes a prepared mask, explicit position_ids and logits_to_keep, each checked
 # against the plain layout in tests/test_layout.py. Others must use layout=plain.

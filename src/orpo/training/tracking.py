@@ -79,6 +79,7 @@ class MetricsLog:
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
         self.file = path.open("a") if enabled else None
+        self.listeners: list = []  # callables(step, values) told of every line (ORPOTrainer's log_history, callbacks)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -88,6 +89,8 @@ class MetricsLog:
         self.file.flush()
         if self.accelerator is not None:
             self.accelerator.log({k: v for k, v in clean.items() if v is not None}, step=step)
+        for listener in self.listeners:
+            listener(step, clean)
 
     def close(self) -> None:
         if self.file is not None:

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,14 @@ from ..config import Config, load_config, save_config
 from ..data.doctor import load_checked
 from ..data.pairs import PairSampler
 from ..data.sources import DataReport, dropped_words
-from ..model.load import count_parameters, load_model, load_tokenizer, save_final
+from ..model.load import (
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+    ready_tokenizer,
+    save_final,
+)
 from . import engine
 from .checkpoint import (
     NonFiniteError,
@@ -54,6 +61,18 @@ from .optim import make_optimizer, make_scheduler
 from .tracking import MetricsLog, check_trackers, dump_json, flat_params, framework_versions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Given:
+    """What a caller brings instead of what the config names (ORPOTrainer: the user's model, tokenizer and
+    datasets); each part left None is loaded as the config says."""
+
+    model: Any = None  # a transformers model (full precision or 4-bit) or a peft model
+    tokenizer: Any = None
+    rows: tuple[Any, Any] | None = None  # (train rows, eval rows or None) in memory
+    lora: Any = None  # a peft LoraConfig for `model`, instead of the config's lora section
+    new_token_ids: list[int] = field(default_factory=list)  # rows the caller added for ChatML (they train)
 
 
 @dataclass
@@ -141,10 +160,31 @@ def hardware(accelerator) -> str:
     return what + (f" ({engine_name})" if n > 1 else "")
 
 
-def set_up(config: Config) -> Run:
-    """Processes, checks that need no model, data, model, optimizer and schedule, and the resumed state."""
+def build_model(config: Config, tokenizer, new_token_ids: list[int], given: Given, fuse: bool) -> tuple[Any, Config]:
+    """(the model to train, the config it trains under): the config's model loaded, or the caller's made ready.
+    A model the packed layout cannot serve stops the run, before any work; the caller's own model trains in the
+    plain layout instead, with one line saying why (the config returned says layout plain)."""
+    if given.model is None:
+        model = load_model(config, tokenizer, new_token_ids, fuse=fuse)
+    else:
+        model = prepare_model(given.model, config, new_token_ids, fuse=fuse, lora=given.lora)
+    if config.layout == "packed":
+        try:
+            check_packed(model)
+        except ValueError as exc:
+            if given.model is None:
+                raise
+            log.warning("%s: this model trains in the plain layout instead", exc)
+            config = config.model_copy(update={"layout": "plain"})
+    return model, config
+
+
+def set_up(config: Config, given: Given | None = None) -> Run:
+    """Processes, checks that need no model, data, model, optimizer and schedule, and the resumed state.
+    `given`: parts the caller brings (see Given)."""
     from accelerate.utils import set_seed
 
+    given = given or Given()
     check_trackers(config)
     out = Path(config.output_dir)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
@@ -162,20 +202,22 @@ def set_up(config: Config) -> Run:
     set_seed(config.seed)
 
     with accelerator.local_main_process_first():  # one process per node tokenizes (and fills caches), then the rest read
-        tokenizer, new_token_ids = load_tokenizer(config)
-        train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer)  # refuses data with errors
+        if given.tokenizer is None:
+            tokenizer, new_token_ids = load_tokenizer(config)
+        else:
+            tokenizer, new_token_ids = ready_tokenizer(given.tokenizer), given.new_token_ids
+        train_ds, eval_ds, eval_raw, report = load_checked(config, tokenizer, given.rows)  # refuses data with errors
     read = ", ".join(f"{count:,} rows from {name}" for name, count in report.read.items())
     log.info("data: %s training pairs, %s held-out pairs (%s); dropped: %s", f"{report.train_rows:,}", f"{report.eval_rows:,}",
              read, dropped_words(report.dropped))
     if accelerator.is_main_process:  # the first write into output_dir: the config and data have passed every check
         prepare_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)
-        save_config(config, out / "config.yaml")
     # Seeded again here so that LoRA's init and dropout depend on the seed only, not on how much randomness data
     # loading used (a cold tokenization cache must give the run a warm one gives).
     set_seed(config.seed)
-    model = load_model(config, tokenizer, new_token_ids, fuse=engine.fusable(accelerator))
-    if config.layout == "packed":
-        check_packed(model)  # a model the packed layout cannot serve stops here, before any work
+    model, config = build_model(config, tokenizer, new_token_ids, given, engine.fusable(accelerator))
+    if accelerator.is_main_process:
+        save_config(config, out / "config.yaml")
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
@@ -313,13 +355,20 @@ def end(run: Run, summary: dict, started: float, finish: Callable[[Path], None] 
     return summary
 
 
-def train(config: Config, finish: Callable[[Path], None] | None = None) -> dict:
+def train(config: Config, finish: Callable[[Path], None] | None = None, given: Given | None = None) -> dict:
     """Run one ORPO training job described by `config`; returns the summary written to summary.json.
 
     `finish(run_dir)` runs on the main process once final/ and summary.json are written: `orpo train` passes
-    after.card.finish_run (report.html, plots/, final/README.md), which this stage may not import."""
+    after.card.finish_run (report.html, plots/, final/README.md), which this stage may not import.
+    `given`: parts the caller brings instead of loading them from the config (see Given)."""
     started = time.perf_counter()
-    run = set_up(config)
+    return fit(set_up(config, given), finish, started)
+
+
+def fit(run: Run, finish: Callable[[Path], None] | None = None, started: float | None = None) -> dict:
+    """Train a set-up run to its last step, evaluate and save it (train, after set_up); returns the summary.
+    `started`: when the job began (perf_counter), for the summary's wall time; default now."""
+    started = time.perf_counter() if started is None else started
     config, state = run.config, run.state
     summary: dict = {"data": run.report.as_dict(), "total_steps": run.total_steps, **before_training(run)}
 

@@ -1,0 +1,291 @@
+"""orpo from Python: each command is a function here, and the command line is its arguments (cli.py).
+
+    run = orpo.train("my.yaml", learning_rate=1e-5, **{"lora.r": 8})   # orpo train my.yaml learning_rate=1e-5 lora.r=8
+    run.summary["after"]["rewards/accuracies"]                          # the before/after table as data
+    run.evaluate(data="other.jsonl")                                    # orpo eval RUN --data other.jsonl
+    run.merge("merged", dtype="bf16")                                   # orpo merge RUN --out merged
+    run.export("model.gguf", type="q8_0")                               # orpo export RUN --gguf model.gguf --type q8_0
+    run.chat("What is 2 + 2?")                                          # orpo chat RUN --prompt ...
+    run.push("me/my-model")                                             # orpo push RUN --repo me/my-model
+
+Errors are exceptions whose message is the one line the command prints (ConfigError, DataError, HubError,
+CheckFailed, ...); only the command line turns them into exit codes. A call leaves nothing behind that changes
+the next one in the same process (a notebook reruns cells): Accelerate's process-wide state is cleared before
+and after a training run, and the caller's random number generators are restored after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, make_config
+
+
+class CheckFailed(RuntimeError):
+    """A merge or export whose check against the source model failed; `result` holds what was measured."""
+
+    def __init__(self, message: str, result: Any):
+        super().__init__(message)
+        self.result = result
+
+
+@contextlib.contextmanager
+def isolated():
+    """Run a job without leaving process-wide state behind: Accelerate's shared state is cleared before (a
+    failed or finished earlier run cannot change this one) and after, and the global random number generators
+    (Python, NumPy, torch) are as they were. In a distributed launch Accelerate's state belongs to the launch and
+    is left alone."""
+    import os
+
+    import numpy as np
+    import torch
+
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    if single:
+        _reset_accelerate()
+    try:
+        yield
+    finally:
+        if single:
+            _reset_accelerate()
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(config: str | Path | dict | Config | None = None, /, **overrides) -> Run:
+    """Fine-tune with ORPO as `config` says: a YAML file's path, a dict or a Config; None is the embedded demo
+    (what `orpo train` runs without a file). Keyword arguments override keys, dotted ones included
+    (`orpo.train("my.yaml", learning_rate=1e-5, **{"lora.r": 8})`). Returns the finished run."""
+    from .after.card import finish_run
+    from .training.loop import train as train_loop
+
+    settings = make_config(config, overrides)
+    with isolated():
+        summary = train_loop(settings, finish=finish_run)  # finish: report.html, plots/, final/README.md
+    return Run(settings.output_dir, summary)
+
+
+def load_run(path: str | Path) -> Run:
+    """The run `orpo train` (or orpo.train, or ORPOTrainer) left in `path`."""
+    from .after.runs import is_run
+
+    folder = Path(path)
+    if not is_run(folder):
+        raise FileNotFoundError(f"{path} is not a finished run (config.yaml and final/)")
+    return Run(folder)
+
+
+def _remote(trust_remote_code: bool) -> list[str]:
+    return ["model.trust_remote_code=true"] if trust_remote_code else []
+
+
+def _items(overrides: dict[str, Any]) -> list[str]:
+    """{key: value} as the key=value items the after stage takes (values written as YAML reads them back)."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
+def evaluate(target: str | Path, data: str | Path | None = None, *, compare: str | None = None, samples: int = 4,
+             generate: bool = True, lm_eval: list[str] | None = None, lm_eval_include: str | None = None,
+             lm_eval_limit: int | None = None, trust_remote_code: bool = False, **overrides) -> dict[str, dict]:
+    """Held-out metrics of a run, merged model, 'builtin', Hub id or model folder (`orpo eval`): {name: metrics}
+    for `target`, and first for `compare` when given (a base model is measured on the target's split). `data`
+    evaluates on other preference data; keyword arguments override config keys (data.test_size, beta, ...)."""
+    from .after.eval import evaluate_targets
+
+    harness = dict(tasks=list(lm_eval), include_path=lm_eval_include, limit=lm_eval_limit) if lm_eval else None
+    items = [*_items(overrides), *_remote(trust_remote_code)]
+    return evaluate_targets(str(target), items, None if data is None else str(data), compare, samples, generate, harness)
+
+
+@dataclass
+class Merged:
+    """A merged model folder and its check against the adapter model (after.merge.MergeCheck)."""
+
+    path: Path
+    check: Any
+
+
+def merge(run: str | Path, out: str | Path, *, dtype: str = "bf16", max_shard_size: str = "2GB",
+          trust_remote_code: bool = False) -> Merged:
+    """Fold a run's LoRA adapter into its base and save a plain model in `dtype` (bf16, fp16, fp32) to `out`,
+    then check its logits against the adapter model (`orpo merge`). Raises CheckFailed when they differ by more
+    than the dtype's rounding explains (the folder stays, with orpo_merge.json)."""
+    from .after.merge import merge_and_check
+
+    path, check = merge_and_check(str(run), dtype, str(out), max_shard_size, _remote(trust_remote_code))
+    if not check.passed:
+        raise CheckFailed(f"merged model {path}: logits differ from the adapter model's by {check.max_abs_diff:.3e} "
+                          f"(tolerance {check.tolerance:.3e})", check)
+    return Merged(path, check)
+
+
+def export(target: str | Path, gguf: str | Path, *, type: str = "f16", quantize: list[str] | tuple[str, ...] = (),
+           modelfile: bool = False, force: bool = False, trust_remote_code: bool = False) -> dict:
+    """One GGUF file for llama.cpp and Ollama from a run or model, read back and checked (`orpo export`);
+    returns what was measured. Raises CheckFailed (no file left) when the check fails."""
+    from .after.export import CheckFailed as ExportCheckFailed
+    from .after.export import export_gguf
+
+    try:
+        return export_gguf(str(target), gguf, type, list(quantize), modelfile, force, _remote(trust_remote_code))
+    except ExportCheckFailed as exc:
+        raise CheckFailed(f"{gguf}: the GGUF read-back check failed; no file was left", exc.result) from None
+
+
+def push(folder: str | Path, repo: str, *, private: bool = False) -> str:
+    """Upload a run's adapter or a merged model with its model card and plots to the Hub (`orpo push`); returns
+    the repository's URL. Needs a token (HF_TOKEN or `hf auth login`)."""
+    import tempfile
+
+    from .after.card import stage
+    from .after.push import hub_token, push_folder
+
+    hub_token()  # fail before staging when there is no token
+    with tempfile.TemporaryDirectory(prefix="orpo-push-") as tmp:
+        stage(folder, repo, tmp)
+        return push_folder(Path(tmp), repo, private)
+
+
+def chat(target: str | Path, prompt: str | list[dict[str, str]], *, system: str | None = None, max_new_tokens: int = 256,
+         temperature: float = 0.0, top_p: float = 0.9, seed: int = 0, trust_remote_code: bool = False, stream=None) -> str:
+    """The model's reply to `prompt` (a message, or a whole conversation as a message list) through its chat
+    template (`orpo chat --prompt`); greedy at temperature 0. `stream`: a file the reply is written to as it comes."""
+    return _Chatter(str(target), _remote(trust_remote_code)).reply(prompt, system, max_new_tokens, temperature, top_p, seed, stream)
+
+
+class _Chatter:
+    """A loaded model to chat with, kept for the next message."""
+
+    def __init__(self, target: str, overrides: list[str]):
+        from .after.runs import load, resolve
+
+        self.model, self.tokenizer = load(resolve(target, overrides))
+
+    def reply(self, prompt, system, max_new_tokens, temperature, top_p, seed, stream) -> str:
+        import torch
+
+        from .after.chat import reply
+
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
+        torch.manual_seed(seed)
+        return reply(self.model, self.tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, stream=stream)
+
+
+def report(run: str | Path) -> Path:
+    """Rebuild a run's report.html and plots/*.png (`orpo report`); returns the page's path."""
+    from .after.report import write_report
+
+    return write_report(run)
+
+
+def compare(runs: list[str | Path], out: str | Path = "compare.html") -> Path:
+    """One page with runs side by side: config keys that differ, held-out metrics, overlaid curves (`orpo compare`)."""
+    from .after.compare import load_run as load_compared
+    from .after.compare import page, short_names
+
+    folders = [str(r) for r in runs]
+    compared = [load_compared(f) for f in folders]
+    for one, name in zip(compared, short_names(folders), strict=True):
+        one.name = name
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page(compared))
+    return path
+
+
+def inspect_data(config: str | Path | dict | Config | None = None, /, **overrides) -> dict:
+    """The data doctor's report for a training config (`orpo data inspect --json`): rows read, kept and dropped,
+    token lengths, findings (errors and warnings), rendered examples."""
+    from .data.doctor import diagnose
+    from .data.pairs import prepare
+    from .model.load import load_tokenizer
+
+    settings = config if isinstance(config, Config) and not overrides else make_config(config if config is not None else {}, overrides)
+    tokenizer, _ = load_tokenizer(settings)
+    return diagnose(settings, tokenizer, prepare(settings, tokenizer))
+
+
+class Run:
+    """A finished run folder: its settings, results and what can be done with it. In Jupyter it shows itself as
+    its report (the before/after table and the training curves)."""
+
+    def __init__(self, path: str | Path, summary: dict | None = None):
+        self.path = Path(path)
+        self._summary = summary  # what train returned, for a process that did not write summary.json
+        self._chatter: _Chatter | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def config(self) -> Config:
+        """The resolved settings the run trained with (config.yaml)."""
+        from .config import load_config
+
+        return load_config(self.path / "config.yaml")
+
+    @property
+    def summary(self) -> dict:
+        """summary.json: data counts, the held-out metrics `before` and `after` training, steps, tokens, time."""
+        path = self.path / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() or self._summary is None else self._summary
+
+    @property
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's lines: one per log step and per evaluation (eval_ keys)."""
+        from .after.report import read_metrics
+
+        return read_metrics(self.path)
+
+    def evaluate(self, data: str | Path | None = None, **kwargs) -> dict:
+        """This run's held-out metrics now (or on `data`); see orpo.evaluate for the keyword arguments."""
+        return evaluate(self.path, data, **kwargs)[str(self.path)]
+
+    def merge(self, out: str | Path, **kwargs) -> Merged:
+        """See orpo.merge."""
+        return merge(self.path, out, **kwargs)
+
+    def export(self, gguf: str | Path, **kwargs) -> dict:
+        """See orpo.export."""
+        return export(self.path, gguf, **kwargs)
+
+    def push(self, repo: str, *, private: bool = False) -> str:
+        """See orpo.push."""
+        return push(self.path, repo, private=private)
+
+    def chat(self, prompt: str | list[dict[str, str]], **kwargs) -> str:
+        """The trained model's reply (the model stays loaded for the next call); see orpo.chat."""
+        if self._chatter is None:
+            self._chatter = _Chatter(str(self.path), _remote(kwargs.pop("trust_remote_code", False)))
+        args = {"system": None, "max_new_tokens": 256, "temperature": 0.0, "top_p": 0.9, "seed": 0, "stream": None, **kwargs}
+        return self._chatter.reply(prompt, **args)
+
+    def report(self) -> Path:
+        """Rebuild report.html and plots/; returns the page's path."""
+        return report(self.path)
+
+    def _repr_html_(self) -> str:
+        from .after.report import inline_report
+
+        return inline_report(self.path)
