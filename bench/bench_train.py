@@ -22,7 +22,7 @@ GPU scenarios (bench/gpu/check.py runs them; bf16, peak GPU memory allocated and
 Systems: orpo-packed, orpo-plain, trl (the default set); orpo-flex (packed, flex_attention's block mask; CUDA),
 trl-liger (TRL with use_liger_kernel; CUDA); `SYSTEM@N` runs an orpo system with max_tokens_per_batch=N.
 
-Every system gets the same token ids in the same step order: orpo through its own loop (`orpo.train.loop.train`,
+Every system gets the same token ids in the same step order: orpo through its own loop (`orpo.training.loop.train`,
 with the data step replaced by the scenario's pairs), TRL through `ORPOTrainer.train()` (its dataset replaced
 by the same ids in its own format, read in order). A step's time runs from the end of the previous optimizer
 step to the end of this one (data, forward, backward, clipping, optimizer); the first `--warmup` steps are
@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -100,7 +101,23 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied, vocabulary: L
     "tiny-tied": (64, 128, 2, 4, 2, True, 49_152),
 }
 GPU_ONLY = {"orpo-flex": "flex_attention trains on CUDA only", "trl-liger": "Liger's kernels are Triton (CUDA)"}
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}  # dense, per GPU
+# Dense bf16 tensor-core peak per GPU (TFLOP/s, NVIDIA's data sheets: their "with sparsity" figure halved), matched
+# in order against torch.cuda.get_device_name(): the first pattern found wins, so a form factor comes before its
+# family. A card not listed gets no MFU rather than another card's peak (an H100 PCIe is not an SXM).
+PEAK_BF16_TFLOPS = (
+    (r"\bMIG\b", None),  # a slice of a card: its share of the peak is not known here
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b.*\b(SXM|HBM3)", 989.4),  # the SXM5 card reports itself as "NVIDIA H100 80GB HBM3"
+    (r"\bH200\b.*\bNVL\b", 835.0),
+    (r"\bH200\b", 989.4),  # the SXM card: "NVIDIA H200"
+    (r"\bGH200\b", 989.4),
+    (r"\bA100\b", 312.0),  # SXM4 and PCIe, 40 and 80 GB alike
+    (r"\bL40S\b", 362.0),
+    (r"\bA40\b", 149.7),
+    (r"\bA10\b", 125.0),
+    (r"\bL4\b", 121.0),
+)
 
 
 # ---------------------------------------------------------------- inputs (parent)
@@ -200,7 +217,7 @@ def orpo_worker(s: Scenario, system: str, source: str, pairs: list[dict], steps:
     import datasets
     import torch
 
-    import orpo.train.loop as loop
+    import orpo.training.loop as loop
     from orpo.config import load_config
     from orpo.data.sources import DataReport
 
@@ -210,7 +227,8 @@ def orpo_worker(s: Scenario, system: str, source: str, pairs: list[dict], steps:
     for j, index in enumerate(order):  # so that the sampler reads pairs[0], pairs[1], ... in turn
         rows[index] = pairs[j]
     dataset = datasets.Dataset.from_list(rows)
-    loop.load_checked = lambda config, tokenizer: (dataset, None, None, DataReport())  # the scenario's pairs
+    # the scenario's pairs, whatever else the loop hands its data step (*rest: rows given through the API)
+    loop.load_checked = lambda config, tokenizer, *rest: (dataset, None, None, DataReport())
     name, budget = parse_system(system)
     layout = "plain" if name == "orpo-plain" else "packed"
     kernel = "flex_attention" if name == "orpo-flex" else "sdpa"
@@ -416,13 +434,23 @@ def summarise(s: Scenario, system: str, rs: list[dict], timed_pairs: list[dict],
            "wall_seconds": [round(r["wall_seconds"], 1) for r in rs]}
     if s.device == "cuda":
         gpu = rs[0]["gpu"]
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-        peak = float(os.environ.get("BENCH_PEAK_TFLOPS", peak or 0)) or None
+        peak = peak_tflops(gpu)
         flops = model_flops_per_step(s, system, timed_pairs)
         out |= {"gpu": gpu, "peak_gpu_gib": statistics.median(r["peak_gpu_gib"] for r in rs),
                 "reserved_gpu_gib": statistics.median(r["reserved_gpu_gib"] for r in rs),
-                "model_tflop_per_step": flops / 1e12, "mfu": flops / med / (peak * 1e12) if peak else None}
+                "model_tflop_per_step": flops / 1e12, "peak_tflops": peak,
+                "mfu": flops / med / (peak * 1e12) if peak else None}
+        if not peak:
+            out["mfu_note"] = f"unknown card {gpu!r}: MFU not computed (BENCH_PEAK_TFLOPS sets its peak)"
     return out
+
+
+def peak_tflops(gpu: str) -> float | None:
+    """The card's dense bf16 peak in TFLOP/s: BENCH_PEAK_TFLOPS when set, else PEAK_BF16_TFLOPS by device name;
+    None for a card not listed."""
+    if os.environ.get("BENCH_PEAK_TFLOPS"):
+        return float(os.environ["BENCH_PEAK_TFLOPS"])
+    return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.search(pattern, gpu, re.IGNORECASE)), None)
 
 
 def table(results: dict, order: list[str]) -> str:
@@ -444,7 +472,7 @@ def table(results: dict, order: list[str]) -> str:
                    f"{r['peak_rss_gib']:.2f} | {speed} | {mem} |")
             if gpu and "peak_gpu_gib" in r:
                 gmem = f"{r['peak_gpu_gib'] / trl['peak_gpu_gib']:.2f}x" if trl and "peak_gpu_gib" in trl else "-"
-                mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+                mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "unknown card" if r.get("mfu_note") else "-"
                 row += f" {r['peak_gpu_gib']:.1f} ({r['reserved_gpu_gib']:.1f}) | {gmem} | {mfu} |"
             elif gpu:
                 row += " - | - | - |"

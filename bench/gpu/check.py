@@ -16,7 +16,9 @@ measures them) and all of them under --budget (default 450 s: 7.5 minutes, leavi
 A part that runs past its cap is stopped (its finished runs kept) and the next one starts; a part with too
 little time left is SKIPPED. Results are written to OUTDIR as they come: results.json, results.md, check.log and
 one log per part (8 files: what the device tool brings back). The summary names the GPU defaults that are
-guesses today and what this run measured for each. Exit status 1 when a part FAILed.
+guesses today, what this run measured for each and a verdict, decided only when the 95% interval of the paired
+step-time ratio (parts.paired_ratio) is clear of the verdict's threshold, "undecided" when it holds it. The tests
+part PASSes only when every parity test passed (one skipped on the GPU FAILs it). Exit status 1 when a part FAILed.
 
 --dry-run: the same code on this CPU with tiny shapes (no CUDA): argument handling, result files, caps, both
 sides of the benchmark, the CLI; what needs CUDA (flex_attention's backward, Liger, the engines) is SKIPPED.
@@ -25,6 +27,7 @@ sides of the benchmark, the CLI; what needs CUDA (flex_attention's backward, Lig
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -139,14 +142,26 @@ def environment() -> dict:
         raise SystemExit(f"cannot read the environment:\n{done.stderr[-2000:]}")
     env = json.loads(done.stdout.strip().splitlines()[-1])
     env["wheels_install_seconds"] = os.environ.get("ORPO_GPU_INSTALL_SECONDS")
+    env["peak_bf16_tflops"], env["mfu"] = mfu_basis(env["gpu"])
     return env
+
+
+def mfu_basis(gpu: str | None) -> tuple[float | None, str]:
+    """The dense bf16 peak bench_train.py divides by for this card (its PEAK_BF16_TFLOPS), and that in words."""
+    if not gpu:
+        return None, "no GPU: MFU not computed"
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+    bench_train = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (its dataclasses look it up)
+    spec.loader.exec_module(bench_train)  # its imports at the top are the standard library's
+    peak = bench_train.peak_tflops(gpu)
+    return peak, (f"MFU against {gpu}'s {peak:g} TFLOP/s dense bf16" if peak else f"unknown card {gpu}: MFU not computed")
 
 
 
 def markdown(c: Check, record: dict) -> str:
     env = record["env"]
     head = (f"# GPU check{' (dry run on the CPU)' if c.dry else ''}\n\n{env.get('gpu') or 'no GPU'}; Python {env.get('python')}, "
-            + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v) + "\n\n"
+            + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v) + f"; {env.get('mfu', '')}\n\n"
             "| part | status | figure | seconds (cap) |\n|---|---|---|---|\n")
     rows = "".join(f"| {p.name} | {p.status}{f' ({p.reason})' if p.reason else ''} | {p.figure} | {p.seconds:.0f} ({p.cap}) |\n"
                    for p in c.parts.values())
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device here: bench/gpu/run needs one (or --dry-run for tiny shapes on the CPU)", file=sys.stderr)
         return 2
     c.say(f"GPU check{' (dry run)' if a.dry_run else ''}: {c.env['gpu'] or 'CPU'}, torch {c.env['versions']['torch']}, "
-          f"transformers {c.env['versions']['transformers']}; parts {', '.join(names)} in {a.budget} s")
+          f"transformers {c.env['versions']['transformers']}; parts {', '.join(names)} in {a.budget} s; {c.env['mfu']}")
     bodies = {
         "tests": lambda p: part_tests(c, p),
         "bench-1b": lambda p: part_bench(c, p, "bench-1b", c.plan.scenario_1b, c.plan.systems_1b),
