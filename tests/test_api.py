@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
 import orpo
+from conftest import tiny_overrides
 from orpo.config import parse_overrides
 
 NOISE = ("time", "tokens_per_second", "seconds_per_step")  # wall-clock figures

@@ -172,12 +172,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "revision"])  # a base model is evaluated at its main revision
+@pytest.mark.parametrize("case", CASES)
 def test_eval_of_a_hub_model(case, hub, monkeypatch, capsys):
+    """Also at the revision the line asks for (model.revision is kept for a base model named on the line)."""
     if case == "offline":
         go_offline(monkeypatch, hub)
     hub.case = case
-    code, err = run_cli(["eval", MODEL, "--no-generate"], capsys)
+    revision = ["model.revision=v9"] if case == "revision" else []
+    code, err = run_cli(["eval", MODEL, "--no-generate", *revision], capsys)
     assert (code, err) == (1, [expected(case, "model", MODEL)])
 
 

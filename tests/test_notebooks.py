@@ -56,7 +56,8 @@ def test_the_seeds_notebook_runs_with_one_import_changed(tmp_path):
 @pytest.mark.slow
 def test_the_native_api_notebook_trains_evaluates_and_exports(tmp_path):
     """orpo.train -> run.evaluate() -> run.chat() -> run.export() in a kernel; the run shows itself as its report."""
-    notebook = run_notebook("orpo-python-api.ipynb", {"max_steps": 4, "output_dir": str(tmp_path / "run"),
+    small = {"max_steps": 4, "data.builtin_train_size": 32, "data.builtin_eval_size": 8}
+    notebook = run_notebook("orpo-python-api.ipynb", {"overrides": small, "output_dir": str(tmp_path / "run"),
                                                       "gguf": str(tmp_path / "run.gguf")}, tmp_path)
     shown = next(c for c in notebook.cells if c.source.rstrip().endswith("run  # shows the before/after table and the training curves"))
     html = "".join(o.get("data", {}).get("text/html", "") for o in shown.outputs)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import PAIRS, make_model_dir
 
+from conftest import PAIRS, make_model_dir
 from orpo import ORPOConfig, ORPOTrainer, setup_chat_format
 from orpo.config import ConfigError
 from orpo.data.formats import DataError

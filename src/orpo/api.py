@@ -62,6 +62,21 @@ def isolated():
             torch.cuda.set_rng_state_all(cuda)
 
 
+def show_log_lines() -> None:
+    """orpo's own log lines (what was loaded, detected, fused; each evaluation) on stderr at INFO, for a notebook
+    or script that has not set up logging; one that has (a handler on the root logger) keeps its own."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("orpo")
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -78,6 +93,7 @@ def train(config: str | Path | dict | Config | None = None, /, **overrides) -> R
     from .training.loop import train as train_loop
 
     settings = make_config(config, overrides)
+    show_log_lines()
     with isolated():
         summary = train_loop(settings, finish=finish_run)  # finish: report.html, plots/, final/README.md
     return Run(settings.output_dir, summary)
@@ -150,18 +166,14 @@ def export(target: str | Path, gguf: str | Path, *, type: str = "f16", quantize:
         raise CheckFailed(f"{gguf}: the GGUF read-back check failed; no file was left", exc.result) from None
 
 
-def push(folder: str | Path, repo: str, *, private: bool = False) -> str:
+def push(folder: str | Path, repo: str, *, private: bool = False, dry_run: str | Path | None = None) -> str:
     """Upload a run's adapter or a merged model with its model card and plots to the Hub (`orpo push`); returns
-    the repository's URL. Needs a token (HF_TOKEN or `hf auth login`)."""
-    import tempfile
+    the repository's URL. Needs a token (HF_TOKEN or `hf auth login`). `dry_run`: write what would be uploaded
+    into that folder instead (no network) and return its path."""
+    from .after.push import push_run
 
-    from .after.card import stage
-    from .after.push import hub_token, push_folder
-
-    hub_token()  # fail before staging when there is no token
-    with tempfile.TemporaryDirectory(prefix="orpo-push-") as tmp:
-        stage(folder, repo, tmp)
-        return push_folder(Path(tmp), repo, private)
+    url, _ = push_run(str(folder), repo, private, None if dry_run is None else str(dry_run))
+    return url if url is not None else str(dry_run)
 
 
 def chat(target: str | Path, prompt: str | list[dict[str, str]], *, system: str | None = None, max_new_tokens: int = 256,
@@ -201,17 +213,9 @@ def report(run: str | Path) -> Path:
 
 def compare(runs: list[str | Path], out: str | Path = "compare.html") -> Path:
     """One page with runs side by side: config keys that differ, held-out metrics, overlaid curves (`orpo compare`)."""
-    from .after.compare import load_run as load_compared
-    from .after.compare import page, short_names
+    from .after.compare import compare_runs
 
-    folders = [str(r) for r in runs]
-    compared = [load_compared(f) for f in folders]
-    for one, name in zip(compared, short_names(folders), strict=True):
-        one.name = name
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page(compared))
-    return path
+    return compare_runs([str(r) for r in runs], str(out))[1]
 
 
 def inspect_data(config: str | Path | dict | Config | None = None, /, **overrides) -> dict:

@@ -1,5 +1,6 @@
-"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo config`, `orpo eval/merge/push/chat/report`.
-Parsing only; no logic."""
+"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo config`, `orpo eval/merge/export/push/chat/report/
+compare/serve`, `orpo data inspect`. A thin layer over the Python API (api.py): parse the line, call the function,
+print what it returns, and turn its exceptions into exit codes (only here)."""
 
 from __future__ import annotations
 
@@ -96,9 +97,15 @@ def cmd_merge(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .after.push import run_push
+    from .after.push import push_run
 
-    return run_push(args.folder, args.repo, args.private, args.dry_run)
+    url, files = push_run(args.folder, args.repo, args.private, args.dry_run)
+    if url is None:
+        print(f"dry run: {len(files)} files that would be uploaded to {args.repo} are in {args.dry_run}:")
+        print("\n".join(f"  {f}" for f in files))
+    else:
+        print(f"uploaded {len(files)} files to {url}")
+    return 0
 
 
 def cmd_chat(args) -> int:
@@ -127,9 +134,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .after.compare import run_compare
+    from .after.compare import CURVES, compare_runs, text
 
-    return run_compare(args.runs, args.out)
+    runs, path = compare_runs(args.runs, args.out)
+    print(text(runs))
+    print(f"\n{path}: config differences, held-out metrics and {len(CURVES)} overlaid curves (open in a browser)")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -285,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # bitsandbytes warns at import on CPU-only machines about an optional kernels package; not actionable.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # huggingface_hub logs every retry of a failed download ("Retrying in 8s"), through its own handler and ours:
+    # with no network that is dozens of lines before orpo's one (HubError); -v shows them.
+    if not args.verbose:
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     # transformers' own deprecation notices (triggered inside peft/transformers, not by user code).
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:

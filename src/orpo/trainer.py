@@ -87,9 +87,10 @@ class ORPOTrainer:
     def __init__(self, model=None, args: ORPOConfig | None = None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, model_init=None, callbacks=None, optimizers=(None, None),
                  preprocess_logits_for_metrics=None, peft_config=None, compute_metrics=None, tokenizer=None):
-        from .api import _reset_accelerate
+        from .api import _reset_accelerate, show_log_lines
         from .training.loop import set_up
 
+        show_log_lines()
         given_args = {"data_collator": data_collator, "model_init": model_init, "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
                       "compute_metrics": compute_metrics, "optimizers": None if optimizers in (None, (None, None)) else optimizers}
         problems = [f"{name}: {UNSUPPORTED[name]}" for name, value in given_args.items() if value is not None]

@@ -34,7 +34,7 @@ NOT_COMPARED = ("output_dir",)
 
 @dataclass
 class Run:
-    name: str  # the column header and legend label (run_compare shortens the folder)
+    name: str  # the column header and legend label (compare_runs shortens the folder)
     config: dict[str, object]  # dotted key -> value
     summary: dict
     lines: list[dict]  # metrics.jsonl
@@ -157,14 +157,12 @@ def short_names(folders: list[str]) -> list[str]:
     return names if all(n != "." for n in names) and len(set(names)) == len(names) else list(folders)
 
 
-def run_compare(folders: list[str], out: str) -> int:
-    """`orpo compare`: print the tables, write the page; exit 1 on a folder that is not a run."""
+def compare_runs(folders: list[str], out: str) -> tuple[list[Run], Path]:
+    """Read the runs (named by what their folders do not share) and write the page to `out`: (runs, page path)."""
     runs = [load_run(f) for f in folders]
     for run, name in zip(runs, short_names(folders), strict=True):
         run.name = name
-    print(text(runs))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page(runs))
-    print(f"\n{path}: config differences, held-out metrics and {len(CURVES)} overlaid curves (open in a browser)")
-    return 0
+    return runs, path

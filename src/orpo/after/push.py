@@ -29,20 +29,16 @@ def push_folder(folder: Path, repo: str, private: bool) -> str:
     return str(url)
 
 
-def run_push(folder: str, repo: str, private: bool, dry_run: str | None) -> int:
-    """`orpo push`: stage the model files + model card + plots, then upload them (or, with --dry-run, stop there)."""
+def push_run(folder: str, repo: str, private: bool = False, dry_run: str | None = None) -> tuple[str | None, list[Path]]:
+    """Stage the model files + model card + plots and upload them: (the repository's URL, the files). With
+    `dry_run` (a folder) the staged files are written there and nothing is uploaded (URL None)."""
     import tempfile
 
     from .card import stage
 
     if dry_run is not None:
-        files = stage(folder, repo, dry_run)
-        print(f"dry run: {len(files)} files that would be uploaded to {repo} are in {dry_run}:")
-        print("\n".join(f"  {f}" for f in files))
-        return 0
+        return None, stage(folder, repo, dry_run)
     hub_token()  # fail before staging when there is no token
     with tempfile.TemporaryDirectory(prefix="orpo-push-") as tmp:
         files = stage(folder, repo, tmp)
-        url = push_folder(Path(tmp), repo, private)
-    print(f"uploaded {len(files)} files to {url}")
-    return 0
+        return push_folder(Path(tmp), repo, private), files

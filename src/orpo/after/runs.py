@@ -53,9 +53,9 @@ def is_run(folder: Path) -> bool:
     return (folder / "config.yaml").is_file() and (folder / "final").is_dir()
 
 
-def with_model(config: Config, name_or_path: str) -> Config:
-    """`config` with its model swapped for a plain (no LoRA, not 4-bit) one at `name_or_path`."""
-    model = config.model.model_copy(update={"name_or_path": name_or_path, "gguf_file": None, "revision": None, "load_in_4bit": False})
+def with_model(config: Config, name_or_path: str, revision: str | None = None) -> Config:
+    """`config` with its model swapped for a plain (no LoRA, not 4-bit) one at `name_or_path` (at `revision`)."""
+    model = config.model.model_copy(update={"name_or_path": name_or_path, "gguf_file": None, "revision": revision, "load_in_4bit": False})
     return config.model_copy(update={"model": model, "lora": config.lora.model_copy(update={"enabled": False})})
 
 
@@ -78,7 +78,8 @@ def resolve(spec: str, overrides: list[str] | tuple[str, ...] = (), like: Config
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{spec} is not a model folder (no config.json), a run folder (config.yaml + final/) or a merged model")
     base = like if like is not None and not overrides else load_config(None, overrides)
-    return Target(spec, "base", with_model(base, spec))
+    asked = any(item.split("=", 1)[0].strip() == "model.revision" for item in overrides)  # not the other side's
+    return Target(spec, "base", with_model(base, spec, base.model.revision if asked else None))
 
 
 def own_flag_only(config: Config, overrides, spec: str) -> Config:
