@@ -83,9 +83,10 @@ def test_the_seeds_merge_cell_rebuilds_the_trained_model(tmp_path, tied):
     assert float(moved) > 0  # the <|im_end|> row trained (it started as the mean of the old rows)
 
 
-def test_the_trainers_surface_is_trls(tmp_path):
+def test_the_trainers_surface_is_trls(tmp_path, monkeypatch):
     """TrainOutput, eval_-prefixed metrics, state.log_history with loss lines and eval lines, callbacks' on_log and
-    on_evaluate, the run folder as orpo train leaves it, and the settings read back by their TRL names."""
+    on_evaluate, the run folder as orpo train leaves it, the settings read back by their TRL names, and
+    push_to_hub uploading what `orpo push` does (the network replaced)."""
     from transformers import TrainerCallback
 
     seen = []
@@ -118,6 +119,12 @@ def test_the_trainers_surface_is_trls(tmp_path):
     assert {"config.yaml", "metrics.jsonl", "summary.json", "final", "report.html"} <= {p.name for p in folder.iterdir()}
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["after"]["loss"] == pytest.approx(history[-2]["eval_loss"])
+    uploads = []
+    monkeypatch.setattr("orpo.after.push.hub_token", lambda: "token")
+    monkeypatch.setattr("orpo.after.push.push_folder", lambda staged, repo, private: uploads.append(
+        (sorted(p.name for p in staged.iterdir()), repo, private)) or f"https://huggingface.co/{repo}")
+    assert trainer.push_to_hub() == "https://huggingface.co/results"  # TRL's default repo: the output folder's name
+    assert uploads[0][1:] == ("results", False) and {"README.md", "adapter_model.safetensors"} <= set(uploads[0][0])
 
 
 def test_rendered_rows_and_message_rows_give_the_same_tokens_and_metrics(tmp_path):

@@ -173,8 +173,17 @@ def prepare_model(model, config: Config, new_token_ids: list[int], fuse: bool = 
         fused["LoRA dropouts"] = fuse_lora_dropout(model)  # same dropout, drawn faster, one bool mask instead of two fp32 copies
         fused["LoRA layers"] = fuse_lora_linears(model)  # each plain LoRA layer as one function: scales folded
     if fused:
-        log.info("fast path: fused %s", ", ".join(f"{n} {k}" for k, n in fused.items()))
+        log.info("fast path: fused %s", ", ".join(f"{n} {k}" + ("" if n else f" ({UNFUSED[k]})") for k, n in fused.items()))
     return model
+
+
+# Why a part of the fast path found nothing to fuse in a model (the rest of the model trains as it is).
+UNFUSED = {
+    "gated MLPs": "no Llama-style gated MLP whose forward orpo recognises",
+    "RMSNorms": "no Llama-style RMSNorm whose forward orpo recognises",
+    "LoRA dropouts": "lora dropout is 0, or the adapters are not plain LoRA",
+    "LoRA layers": "the LoRA layers wrap no plain Linear: 4-bit or other quantized base layers keep peft's forward",
+}
 
 
 def keep_4bit_layout(model) -> None:
