@@ -137,9 +137,8 @@ class ORPOTrainer:
         if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("ORPOTrainer: the tokenizer has no chat template, which orpo renders every pair with: call "
                               "model, tokenizer = setup_chat_format(model, tokenizer) first (ChatML), or set tokenizer.chat_template")
-        updates: dict[str, Any] = {"model": model_section, "lora": lora_section(model, peft_config, config)}
-        if train_dataset is not None:
-            updates["data"] = {"path": MEMORY, "test_size": 0, "num_samples": None}
+        updates: dict[str, Any] = {"model": model_section, "lora": lora_section(model, peft_config, config),
+                                   "data": {"path": MEMORY, "test_size": 0, "num_samples": None}}
         if eval_dataset is None and (config.eval_steps is not None or config.eval_on_start):
             log.warning("no eval_dataset: no evaluation during training (eval_steps and eval_on_start are off)")
             updates.update(eval_steps=None, eval_on_start=False)
@@ -184,12 +183,11 @@ class ORPOTrainer:
         self._trained = True
         started = time.perf_counter()
         self._event("on_train_begin")
-        summary = fit(self._run, finish=finish_run, started=started)
+        fit(self._run, finish=finish_run, started=started)
         runtime = time.perf_counter() - started
         losses = [(e["step"], e["loss"]) for e in self.state.log_history if "loss" in e and e["loss"] is not None]
         training_loss = weighted_mean(losses)
-        pairs = summary.get("data", {}).get("train_pairs", 0) * self.config.num_train_epochs if self.config.max_steps < 0 else \
-            self.config.max_steps * self.config.per_device_train_batch_size * self.config.gradient_accumulation_steps
+        pairs = self._run.state.micro_batches * self.config.per_device_train_batch_size  # as TRL counts its samples
         metrics = {"train_runtime": round(runtime, 4), "train_samples_per_second": round(pairs / runtime, 3),
                    "train_steps_per_second": round(self._run.state.step / runtime, 3), "train_loss": training_loss,
                    "epoch": self.state.epoch}
