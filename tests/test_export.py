@@ -1,8 +1,10 @@
-"""`orpo export`: GGUF files written for every supported architecture, read back by transformers' GGUF loader
-and compared with the source logits; the rotary permutation, the refusals, atomic outputs, the Modelfile."""
+"""`orpo export`: GGUF files written for every supported architecture, run by llama.cpp and compared with the
+source model's next-token distributions (f32, f16, bf16, q8_0 and a K-quant); broken files fail; the metadata;
+the refusals and atomic outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -25,7 +27,8 @@ ARCHES = {
     "llama3.1-rope": ("llama", {"tie_word_embeddings": True, "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}}),
-    "mistral": ("mistral", {"sliding_window": 16, "tie_word_embeddings": False}),
+    "mistral": ("mistral", {"sliding_window": None, "tie_word_embeddings": False}),
+    "mistral-window": ("mistral", {"sliding_window": 16, "tie_word_embeddings": False}),
     "qwen2": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3": ("qwen3", {"head_dim": 16, "tie_word_embeddings": False}),
     "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16, "final_logit_softcapping": 30.0,
@@ -38,59 +41,162 @@ ARCHES = {
 }
 
 
-def tiny(model_type: str, fields: dict, seed: int = 0):
-    """A 2-layer model of `model_type` (hidden 64, 4 heads, 2 key/value heads) with the tiny ChatML tokenizer;
-    every weight random, norms included (a missing Gemma shift or permutation then shows in the logits)."""
+QK_SCALE = 4.0
+
+
+def tiny(model_type: str, fields: dict, seed: int = 0, hidden: int = 64):
+    """A 2-layer model of `model_type` (hidden 64, 4 heads, 2 key/value heads) with the tiny ChatML tokenizer, built
+    so that a wrong file shows in its next-token distributions: every weight random, norms included; attention
+    peaked (q and k scaled), so that a token's position and its neighbours matter; logits with a spread of
+    about 2.5 (final norm scaled), so that the distributions are neither flat nor one-hot."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = make_tokenizer(chat=True)
     fields = {"vocab_size": len(tokenizer), **fields}
     config = AutoConfig.for_model(
-        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        model_type, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    gemma = model_type.startswith("gemma")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:  # norms start at 1 (or 0, Gemma) and biases at 0: make each one count
                 p.add_(torch.randn_like(p) * 0.2)
-            elif "embed" in name or "lm_head" in name:  # logits of a size where a wrong weight shows
+            elif "embed" in name or "lm_head" in name:
                 p.normal_(0, 1.0)
+            elif "q_proj" in name or "k_proj" in name:
+                p.mul_(QK_SCALE)
+            elif "qkv_proj" in name:  # Phi-3: q and k are the first rows
+                p[: p.shape[0] - hidden // 2].mul_(QK_SCALE)
+            elif "o_proj" in name:  # attention, not the MLP, carries the residual stream
+                p.mul_(3.0)
+            elif "down_proj" in name:
+                p.mul_(0.3)
+        ids = torch.tensor([tokenizer("The capital of France is Paris. Waves fold into foam.")["input_ids"]])
+        spread = float(model(input_ids=ids).logits.std())
+        norm = model.model.norm.weight
+        if gemma:
+            norm.copy_((1 + norm) * 2.5 / spread - 1)
+        else:
+            norm.mul_(2.5 / spread)
     return model, tokenizer
 
 
-@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
-@pytest.mark.parametrize("arch", list(ARCHES))
-def test_every_architecture_reads_back_within_tolerance(tmp_path, arch, kind):
+def export_tiny(model, tokenizer, path, kind: str, transform=export.to_gguf, prompts=PROMPTS):
+    """Write `model` to `path` as `kind` and check the file as `orpo export` does."""
+    from orpo.after import gguf_check
+    from orpo.after.weights import InMemory
+
+    weights = InMemory(model)
+    arch = export.ARCHES[model.config.model_type]
+    reference = gguf_check.reference(weights, tokenizer, prompts)
+    export.write_gguf(weights, tokenizer, path, kind, "tiny", transform)
+    return gguf_check.check_file(path, weights, tokenizer, reference, kind, export.tensor_names(weights, arch), transform, arch)
+
+
+def summary(check) -> str:
+    return (f"KL {check.kl_mean:.2e} (worst prompt {check.kl_worst_prompt:.2e}), top-1 {check.top1:.3f}, tensors {check.tensor_error:.1e}, "
+            f"prompts {check.prompt_lengths}, problems {check.problems[:2]}")
+
+
+VALID = [a for a in ARCHES if a != "mistral-window"]
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("arch", VALID)
+def test_every_architecture_runs_in_llama_cpp_like_the_source(tmp_path, arch, kind):
+    """llama.cpp runs each architecture's file and its next-token distributions match transformers' (a long prompt
+    crosses the sliding window or the original rope context where the model has one)."""
     model, tokenizer = tiny(*ARCHES[arch])
-    path = tmp_path / "m.gguf"
-    export.write_gguf(model, tokenizer, path, kind, name=arch)
-    check = export.check_gguf(path, model, tokenizer, PROMPTS, kind)
-    print(f"{arch} {kind}: max |diff| {check.max_abs_diff:.2e} of max |logit| {check.scale:.2f}, top-1 {check.top1_agreement:.3f}")
-    assert check.passed, check
+    check = export_tiny(model, tokenizer, tmp_path / "m.gguf", kind)
+    print(f"{arch} {kind}: {summary(check)}")
+    assert check.passed and check.same_ids, summary(check)
     if kind == "f32":
-        assert check.max_abs_diff <= 1e-5 * check.scale and check.top1_agreement == 1.0
+        assert check.kl_mean < 1e-6 and check.top1 == 1.0 and check.tensor_error == 0.0
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_without_the_rotary_permutation_the_check_fails(tmp_path, arch):
-    """llama.cpp's Llama graph rotates interleaved pairs: q/k rows written in transformers' order are wrong, and
-    the read-back check (transformers undoes the permutation) says so, even in f32."""
+@pytest.mark.parametrize("arch", VALID)
+def test_a_k_quant_made_from_f16_is_checked_like_the_rest(tmp_path, arch):
+    """Rows of 256 (hidden 256), so that llama.cpp's K-quant blocks apply and the file holds Q4_K and Q6_K tensors."""
+    import gguf
+
+    from orpo.after import gguf_check
+    from orpo.after.weights import InMemory
+
+    model, tokenizer = tiny(*ARCHES[arch], hidden=256)
+    weights = InMemory(model)
+    arch_ = export.ARCHES[model.config.model_type]
+    reference = gguf_check.reference(weights, tokenizer, PROMPTS)
+    export.write_gguf(weights, tokenizer, tmp_path / "m.f16.gguf", "f16", "tiny")
+    export.quantize(tmp_path / "m.f16.gguf", tmp_path / "m.Q4_K_M.gguf", "Q4_K_M")
+    check = gguf_check.check_file(tmp_path / "m.Q4_K_M.gguf", weights, tokenizer, reference, "Q4_K_M",
+                                  export.tensor_names(weights, arch_), export.to_gguf, arch_)
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.Q4_K_M.gguf").tensors}
+    print(f"{arch} Q4_K_M ({sorted(kinds)}): {summary(check)}")
+    assert "Q4_K" in kinds and check.passed, summary(check)
+
+
+def without_permutation(name, w, config, arch):
+    return export.to_gguf(name, w, config, dataclasses.replace(arch, permute_qk=False))
+
+
+def without_norm_shift(name, w, config, arch):
+    return export.to_gguf(name, w, config, dataclasses.replace(arch, norm_shift=0.0))
+
+
+def transposed_projection(name, w, config, arch):
+    w = export.to_gguf(name, w, config, arch)
+    return w.T.contiguous() if name.endswith("layers.0.self_attn.o_proj.weight") else w
+
+
+# Broken files the check must fail. On these tiny random models a wrong layout moves the distributions by
+# about 1e-4 to 1e-2 nats, as much as q8_0's rounding does: they are checked where they stand out (f32, f16);
+# the demo model fails them at every type (tests/test_llama_cpp.py). A wrong norm shift or rope base fails everywhere.
+BROKEN = [("llama", without_permutation, ("f32", "f16")), ("mistral", without_permutation, ("f32", "f16")),
+          ("llama", transposed_projection, ("f32", "f16")), ("qwen3", transposed_projection, ("f32", "f16")),
+          ("phi3", transposed_projection, ("f32", "f16", "bf16")),
+          ("gemma2", without_norm_shift, ("f32", "f16", "bf16", "q8_0")), ("gemma3", without_norm_shift, ("f32", "f16", "bf16", "q8_0"))]
+
+
+@pytest.mark.parametrize("arch,transform,kind", [(a, t, k) for a, t, kinds in BROKEN for k in kinds],
+                         ids=[f"{a}-{t.__name__}-{k}" for a, t, kinds in BROKEN for k in kinds])
+def test_a_broken_file_fails(tmp_path, arch, transform, kind):
     model, tokenizer = tiny(*ARCHES[arch])
-    path = tmp_path / "m.gguf"
-    export.write_gguf(model, tokenizer, path, "f32", name=arch, permute=False)
-    check = export.check_gguf(path, model, tokenizer, PROMPTS, "f32")
-    print(f"{arch} without the permutation: max |diff| {check.max_abs_diff:.2e} of max |logit| {check.scale:.2f}")
-    assert not check.passed and check.max_abs_diff > 10 * check.tolerance
+    check = export_tiny(model, tokenizer, tmp_path / "m.gguf", kind, transform)
+    print(f"{arch} {transform.__name__} {kind}: {summary(check)}")
+    assert not check.passed and not check.problems  # the bytes are as written: only llama.cpp's logits can tell
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
+def test_a_wrong_rope_base_fails_at_every_type(tmp_path, monkeypatch, kind):
+    import gguf
+
+    real = gguf.GGUFWriter.add_rope_freq_base
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_freq_base", lambda self, value: real(self, 2 * value))
+    model, tokenizer = tiny(*ARCHES["llama"])
+    check = export_tiny(model, tokenizer, tmp_path / "m.gguf", kind)
+    assert not check.passed and any("rope.freq_base" in p for p in check.problems), summary(check)
+
+
+def test_mistral_with_a_sliding_window_fails(tmp_path):
+    """llama.cpp runs Mistral with its Llama graph, which has no sliding window: past the window the outputs
+    differ, and the check says why."""
+    model, tokenizer = tiny(*ARCHES["mistral-window"])
+    check = export_tiny(model, tokenizer, tmp_path / "m.gguf", "f32")
+    print(summary(check))
+    assert not check.passed and any("sliding window" in p for p in check.problems)
 
 
 def test_metadata_a_runtime_needs(tmp_path):
     import gguf
 
+    from orpo.after.weights import InMemory
+
     model, tokenizer = tiny(*ARCHES["gemma2"])
     path = tmp_path / "m.gguf"
-    export.write_gguf(model, tokenizer, path, "f16", name="g")
+    export.write_gguf(InMemory(model), tokenizer, path, "f16", "g")
     reader = gguf.GGUFReader(path)
 
     def field(key):
@@ -139,14 +245,14 @@ def test_a_sentencepiece_style_tokenizer(tmp_path):
     tokenizer = sentencepiece_style_tokenizer()
     model, _ = tiny("llama", {"tie_word_embeddings": False, "vocab_size": len(tokenizer) + 3})  # 3 padding rows
     path = tmp_path / "m.gguf"
-    export.write_gguf(model, tokenizer, path, "f16", name="sp")
+    check = export_tiny(model, tokenizer, path, "f16")
+    assert check.passed, summary(check)
     reader = gguf.GGUFReader(path)
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama" and reader.fields["tokenizer.ggml.add_space_prefix"].contents()
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     assert len(types) == len(tokenizer) + 3 and len(reader.fields["tokenizer.ggml.scores"].contents()) == len(types)
     assert types[tokenizer.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
     assert types[tokenizer.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
-    assert export.check_gguf(path, model, tokenizer, PROMPTS, "f16").passed
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -167,11 +273,13 @@ def test_pre_tokenizers_by_structure():
 
 def test_modelfile_for_chatml_llama3_and_others():
     tokenizer = make_tokenizer(chat=True)
-    text = export.modelfile("m.gguf", tokenizer)
+    from orpo.after.modelfile import modelfile
+
+    text = modelfile("m.gguf", tokenizer)
     assert text.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text and "TEMPLATE" in text
     assert "temperature" not in text and "top_p" not in text
     tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]<|im_end|>{% endfor %}"  # unknown format
-    assert "TEMPLATE" not in export.modelfile("m.gguf", tokenizer)
+    assert 'TEMPLATE """' not in modelfile("m.gguf", tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +306,9 @@ def test_export_a_run_with_modelfile_refuses_existing_outputs(tiny_run, tmp_path
 
 
 def test_a_failed_check_leaves_no_file(tiny_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(export.TOLERANCE, "f16", 0.0)
+    from orpo.after import gguf_check
+
+    monkeypatch.setitem(gguf_check.THRESHOLDS, "f16", (0.0, 0.0, 1.0))
     out = tmp_path / "m.gguf"
     assert main(["export", str(tiny_run), "--gguf", str(out)]) == 1
     assert "FAIL" in capsys.readouterr().out and list(tmp_path.iterdir()) == []

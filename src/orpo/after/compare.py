@@ -4,6 +4,10 @@ A sweep is a few `orpo train cfg.yaml beta=0.05 output_dir=runs/b05`, then `orpo
 the config keys whose values differ (dotted names, as overrides are written; `output_dir` is not listed: it names
 the columns), the held-out metrics before and after training with their standard errors, and each training and
 evaluation curve with every run overlaid. The same tables are printed as text.
+
+A run is a folder with config.yaml (`orpo train`'s output_dir, finished or not). Anything else among the folders
+given (a merged model beside the runs, as `runs/*` picks up `runs/orpo-merged`; a model folder; a file) is skipped
+with one line on stderr saying why; fewer than two runs left is an error.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import base64
 import html
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import yaml
 
 from ..training.heldout import HELD_OUT_ROWS, change_cell, metric_cell
 from .report import STYLE, curves_png, duration, read_metrics, series
+from .runs import MERGED_CONFIG
 
 # (title, y-axis label, metric key): drawn for every run, train solid and eval (eval_KEY) dashed.
 CURVES = [
@@ -59,6 +65,22 @@ def load_run(folder: str) -> Run:
     config = flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     return Run(folder, config, summary, read_metrics(path), folder)
+
+
+def not_a_run(folder: str) -> str | None:
+    """Why `folder` is no run to compare, or None for a run (config.yaml: finished or not)."""
+    path = Path(folder)
+    if (path / "config.yaml").is_file():
+        return None
+    if not path.exists():
+        return "no such file or folder"
+    if not path.is_dir():
+        return "a file, not a run folder"
+    if (path / MERGED_CONFIG).is_file():
+        return "a merged model (orpo merge's output), not a run folder"
+    if (path / "config.json").is_file():
+        return "a model folder, not a run folder"
+    return "not a run folder (no config.yaml)"
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -158,9 +180,20 @@ def short_names(folders: list[str]) -> list[str]:
 
 
 def compare_runs(folders: list[str], out: str) -> tuple[list[Run], Path]:
-    """Read the runs (named by what their folders do not share) and write the page to `out`: (runs, page path)."""
-    runs = [load_run(f) for f in folders]
-    for run, name in zip(runs, short_names(folders), strict=True):
+    """Read the runs (named by what their folders do not share) and write the page to `out`: (runs, page path).
+    Folders that are not runs are skipped, one line each on stderr; fewer than two runs left: FileNotFoundError."""
+    kept = []
+    for folder in folders:
+        why = not_a_run(folder)
+        if why:
+            print(f"skipped {folder}: {why}", file=sys.stderr)
+        else:
+            kept.append(folder)
+    if len(kept) < 2:
+        raise FileNotFoundError(f"{len(kept)} run folder(s) among the {len(folders)} given: compare needs two "
+                                "(a run folder holds config.yaml, as orpo train's output_dir)")
+    runs = [load_run(f) for f in kept]
+    for run, name in zip(runs, short_names(kept), strict=True):
         run.name = name
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

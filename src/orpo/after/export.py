@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,10 @@ import torch
 from ..config import ConfigError
 from ..data.pairs import bos_to_add, end_of_turn_id
 from ..files import atomic_file
+from . import gguf_check
+from .modelfile import modelfile
 from .runs import resolve
+from .weights import merged_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,7 @@ ARCHES = {
     "phi3": Arch("PHI3"),
 }
 TYPES = ("f32", "f16", "bf16", "q8_0")
-# Max |logit difference| of the read-back check, as a share of the largest |logit| (measured on the demo model:
-# README "Run the model"): f32 is exact up to summation order; f16 and bf16 round each weight once (2^-11,
-# 2^-8 relative); q8_0 rounds to 1/254 of each block of 32's largest weight.
-TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 4e-2, "q8_0": 6e-2}
+ROPE_FREQS = "rope_freqs.weight"
 K_QUANTS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q5_0", "Q8_0")
 FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 # Byte-level BPE pre-tokenizers llama.cpp knows, by the tokenizer.json structure that defines them.
@@ -77,19 +77,6 @@ QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 
 class ExportError(ConfigError):
     """Bad input to export or serve: one line, exit 2."""
-
-
-@dataclass
-class ExportCheck:
-    max_abs_diff: float
-    scale: float  # largest |logit| of the source
-    tolerance: float
-    top1_agreement: float
-    config_mismatches: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and not self.config_mismatches
 
 
 def supported_problem(config) -> str | None:
@@ -108,29 +95,65 @@ def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model, arch: Arch, permute: bool = True):
-    """(gguf name, fp32 numpy array) for every weight the runtime reads."""
+def to_gguf(name: str, w: torch.Tensor, config, arch: Arch) -> torch.Tensor:
+    """One fp32 weight as llama.cpp reads it: q/k rows permuted (Llama graph), norms shifted (Gemma)."""
+    if arch.permute_qk and name.endswith("q_proj.weight"):
+        w = permute_rows(w, config.num_attention_heads)
+    elif arch.permute_qk and name.endswith("k_proj.weight"):
+        w = permute_rows(w, config.num_key_value_heads)
+    if arch.norm_shift and name.endswith("norm.weight"):
+        w = w + arch.norm_shift
+    return w
+
+
+def tensor_names(weights, arch: Arch) -> dict[str, str]:
+    """transformers name -> GGUF name, for every weight the runtime reads (a tied output layer is not written)."""
     import gguf
 
-    config = model.config
-    layers = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.name), layers)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    tied = arch.tied_output or bool(getattr(config, "tie_word_embeddings", False))
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight" and tied:
+    config = weights.config
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.name), config.num_hidden_layers)
+    out = {}
+    for key in weights.names():
+        if key == "lm_head.weight" and arch.tied_output:
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ExportError(f"{key}: no GGUF name for this weight ({config.model_type}); the export would be incomplete")
-        w = value.detach().to(torch.float32).cpu()
-        if permute and arch.permute_qk and key.endswith("q_proj.weight"):
-            w = permute_rows(w, heads)
-        elif permute and arch.permute_qk and key.endswith("k_proj.weight"):
-            w = permute_rows(w, kv_heads)
-        if arch.norm_shift and key.endswith("norm.weight"):
-            w = w + arch.norm_shift
-        yield name, w.numpy()
+        out[key] = name
+    return out
+
+
+def stored_type(kind: str, shape: tuple[int, ...]) -> str:
+    """The GGML type a tensor of `shape` is written in: 1-D tensors (norms, biases) stay f32, as llama.cpp keeps
+    them; q8_0 rows not in blocks of 32 fall back to f16, as llama.cpp's converter does."""
+    if kind == "f32" or len(shape) == 1:
+        return "f32"
+    if kind == "q8_0" and shape[-1] % 32:
+        return "f16"
+    return kind
+
+
+def encode_tensor(data: np.ndarray, kind: str) -> np.ndarray:
+    """fp32 array -> the bytes (or f16/f32 array) of `kind` (from stored_type)."""
+    import gguf
+
+    if kind == "f32":
+        return data.astype(np.float32)
+    if kind == "f16":
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, kind.upper()))
+
+
+def tensor_info(kind: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], type, int, object]:
+    """(shape as given to the writer, numpy dtype, bytes, raw GGML type or None) of a tensor stored as `kind`."""
+    import gguf
+
+    if kind in ("f32", "f16"):
+        dtype = np.float32 if kind == "f32" else np.float16
+        return shape, dtype, int(np.prod(shape)) * np.dtype(dtype).itemsize, None
+    raw = getattr(gguf.GGMLQuantizationType, kind.upper())
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, raw)
+    return byte_shape, np.uint8, int(np.prod(byte_shape)), raw
 
 
 def rope_factors(config) -> np.ndarray | None:
@@ -146,22 +169,6 @@ def rope_factors(config) -> np.ndarray | None:
     default = 1.0 / (float(full["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
     return (default / scaled.to(torch.float64)).to(torch.float32).numpy()
-
-
-def encode_tensor(data: np.ndarray, kind: str):
-    """(array to write, raw GGML type or None): 1-D tensors (norms, biases) stay f32, as llama.cpp keeps them."""
-    import gguf
-
-    qt = gguf.GGMLQuantizationType
-    if kind == "f32" or data.ndim == 1:
-        return data.astype(np.float32), None
-    if kind == "f16":
-        return data.astype(np.float16), None
-    if kind == "q8_0" and data.shape[-1] % 32 == 0:
-        return gguf.quants.quantize(data, qt.Q8_0), qt.Q8_0
-    if kind == "q8_0":  # rows not in blocks of 32: f16, as llama.cpp falls back
-        return data.astype(np.float16), None
-    return gguf.quants.quantize(data, qt.BF16), qt.BF16
 
 
 # ---------------------------------------------------------------- metadata
@@ -308,114 +315,36 @@ def write_tokenizer(writer, tokenizer, n_rows: int, folder: Path) -> None:
     writer.add_chat_template(tokenizer.chat_template)
 
 
-def write_gguf(model, tokenizer, path: Path, kind: str, name: str, permute: bool = True) -> None:
-    """The whole file at `path` (not atomic: export_gguf writes to a temporary name)."""
+def write_gguf(weights, tokenizer, path: Path, kind: str, name: str, transform=to_gguf) -> None:
+    """The whole file at `path` (not atomic: export_gguf writes to a temporary name), streamed: the header and
+    tensor table first, then each tensor read, changed (`transform`), encoded and written, one at a time."""
     import gguf
+    from tqdm.auto import tqdm
 
-    arch = ARCHES[model.config.model_type]
+    config = weights.config
+    arch = ARCHES[config.model_type]
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.name)])
     writer.add_name(name)
-    write_hparams(writer, model.config, arch, kind)
+    write_hparams(writer, config, arch, kind)
     with tempfile.TemporaryDirectory() as folder:
-        write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], Path(folder))
-    for gname, data in gguf_tensors(model, arch, permute):
-        array, raw = encode_tensor(data, kind)
-        writer.add_tensor(gname, array, raw_dtype=raw)  # quantized bytes: the writer derives the shape
-    factors = rope_factors(model.config)
+        write_tokenizer(writer, tokenizer, weights.shape("model.embed_tokens.weight")[0], Path(folder))
+    names = tensor_names(weights, arch)
+    for key, gname in names.items():
+        shape, dtype, nbytes, raw = tensor_info(stored_type(kind, weights.shape(key)), weights.shape(key))
+        writer.add_tensor_info(gname, shape, np.dtype(dtype), nbytes, raw_dtype=raw)
+    factors = rope_factors(config)
     if factors is not None:
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+        writer.add_tensor_info(ROPE_FREQS, factors.shape, factors.dtype, factors.nbytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
+    writer.write_ti_data_to_file()
+    for key in tqdm(names, desc=f"writing {Path(path).name}", unit="tensor", leave=False):
+        w = transform(key, weights.get(key), config, arch)
+        writer.write_tensor_data(encode_tensor(w.numpy(), stored_type(kind, tuple(w.shape))))
+        del w
+    if factors is not None:
+        writer.write_tensor_data(factors)
     writer.close()
-
-
-# ---------------------------------------------------------------- the check
-
-
-COMPARED_CONFIG = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                   "rms_norm_eps", "vocab_size", "max_position_embeddings")
-
-
-def read_back(path: Path, like):
-    """A model built from `like`'s config with the weights transformers' GGUF loader reads from `path`, and the
-    config fields the loader read from the file."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = like.config
-    arch = ARCHES[config.model_type]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    mapper = model
-    if arch.read_as:  # the loader's name map knows these tensors under another model type
-        mapper = AutoModelForCausalLM.from_config(_as(config, arch.read_as))
-    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=mapper)
-    state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in parsed["tensors"].items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and (arch.tied_output or config.tie_word_embeddings))]
-    if missing or unexpected:
-        raise RuntimeError(f"read-back of {path.name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    model.tie_weights()
-    return model.eval(), parsed["config"]
-
-
-def _as(config, model_type: str):
-    from transformers import AutoConfig
-
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "sliding_window")}
-    return AutoConfig.for_model(model_type, **fields)
-
-
-def config_mismatches(source, read: dict) -> list[str]:
-    out = []
-    for key in COMPARED_CONFIG:
-        want, got = getattr(source, key, None), read.get(key)
-        if want is not None and got is not None and not np.isclose(float(want), float(got), rtol=1e-6):
-            out.append(f"{key}: file {got} vs model {want}")
-    return out
-
-
-@torch.no_grad()
-def check_gguf(path: Path, source, tokenizer, prompts: list[list[dict[str, str]]], kind: str) -> ExportCheck:
-    from ..data.pairs import prompt_ids
-
-    back, read = read_back(path, source)
-    all_ids = prompt_ids(tokenizer, prompts)
-    for model in (source, back):  # the process's first CPU forward can take other kernels (seen: 1e-4 of the
-        model(input_ids=torch.tensor([all_ids[0]]))  # largest logit off its later forwards): not the file's doing
-    diff, scale, agree, n = 0.0, 0.0, 0.0, 0
-    for ids in all_ids:
-        x = torch.tensor([ids])
-        want, got = source(input_ids=x).logits[0].float(), back(input_ids=x).logits[0].float()
-        diff = max(diff, float((want - got).abs().max()))
-        scale = max(scale, float(want.abs().max()))
-        agree += float((want.argmax(-1) == got.argmax(-1)).sum())
-        n += len(ids)
-    return ExportCheck(diff, scale, TOLERANCE[kind] * scale, agree / max(n, 1), config_mismatches(source.config, read))
-
-
-@torch.no_grad()
-def llama_cpp_agreement(path: Path, model, tokenizer, prompts) -> tuple[float, bool]:
-    """(share of prompt positions where llama.cpp's next token equals the source model's, whether llama.cpp
-    tokenized every rendered prompt to the same ids). For the tests and bench/export_demo.py: needs
-    llama-cpp-python (orpo[serve])."""
-    from llama_cpp import Llama
-
-    from ..data.pairs import prompt_ids
-
-    llm = Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False)
-    agree = total = 0
-    same_ids = True
-    for messages, ids in zip(prompts, prompt_ids(tokenizer, prompts), strict=True):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        same_ids &= llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-        llm.reset()
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[: len(ids)]).argmax(-1)
-        ours = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).numpy()
-        agree += int((theirs == ours).sum())
-        total += len(ids)
-    return agree / total, same_ids
 
 
 # ---------------------------------------------------------------- K-quants (llama.cpp)
@@ -453,63 +382,57 @@ def quantize(source: Path, out: Path, name: str) -> None:
         raise RuntimeError(f"llama.cpp's quantize to {name} failed (code {code})")
 
 
-# ---------------------------------------------------------------- Ollama
-
-
-def modelfile(gguf_name: str, tokenizer) -> str:
-    """FROM, TEMPLATE for the chat formats Ollama's Go templates can say exactly (ChatML, Llama 3, Gemma), a
-    stop for every end-of-turn token; no sampling parameters."""
-    template = tokenizer.chat_template or ""
-    stops = sorted({tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer)), *[t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>") if t in template]})
-    lines = [f"FROM ./{gguf_name}"]
-    if "<|im_start|>" in template:
-        body = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
-        system = '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-        lines.append(f'TEMPLATE """{system}{body}"""')
-    elif "<|start_header_id|>" in template:
-        lines.append('TEMPLATE """<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
-                     '{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
-                     '<|start_header_id|>assistant<|end_header_id|>\n\n"""')
-    elif "<start_of_turn>" in template:
-        lines.append('TEMPLATE """{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
-                     '{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"""')
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- the command
 
 
-def source_model(spec: str, overrides: list[str] | tuple[str, ...] = ()):
-    """(fp32 model with any adapter folded in, tokenizer, held-out prompts) of a run, merged folder or model."""
-    from ..data.pairs import load_pairs, to_messages
-    from .merge import PROMPTS, merged_model
+def check_prompts(config, tokenizer, n: int = 3) -> list[list[dict[str, str]]]:
+    """The first `n` held-out prompts, read without tokenizing anything and without the network (the builtin
+    set, or data on disk); the fixed prompts of `orpo merge` when the data is elsewhere or has no test split."""
+    from ..data.formats import to_messages
+    from ..data.sources import DataReport, build_rows, entries
+    from ..data.templated import Untemplater
+    from .merge import PROMPTS
 
+    data = config.data
+    try:
+        if data.builtin:
+            from ..data.builtin_tasks import generate, prompt_messages
+
+            _, rows = generate(0, max(n, data.builtin_eval_size), seed=data.shuffle_seed)
+            return [prompt_messages(r) for r in rows[:n]]
+        paths = [e.path for e in entries(data)] + ([data.eval_path] if data.eval_path else [])
+        if all(Path(p).expanduser().exists() for p in paths):
+            _, held_out = build_rows(data, DataReport(), Untemplater(tokenizer))
+            if held_out is not None and len(held_out):
+                return [to_messages(held_out[i])["prompt"] for i in range(min(n, len(held_out)))]
+    except Exception as exc:  # noqa: BLE001 - the data only gives the check its prompts: the fixed ones do as well
+        log.info("held-out prompts unavailable (%s); using fixed prompts", exc)
+    return [[{"role": "user", "content": p}] for p in PROMPTS]
+
+
+def source_weights(spec: str, overrides: list[str] | tuple[str, ...] = ()):
+    """(the merged model's Weights, tokenizer, check prompts) of a run, merged folder or model."""
     target = resolve(spec, overrides)
     if target.kind == "run" and not (target.final_dir / "adapter_config.json").is_file() and not (target.final_dir / "config.json").is_file():
         raise FileNotFoundError(f"{spec}: final/ holds neither an adapter nor a model")  # a file error, exit 1 as in resolve
-    model, tokenizer = merged_model(target)
-    problem = supported_problem(model.config)
+    weights, tokenizer = merged_weights(target)
+    problem = supported_problem(weights.config)
     if problem:
         raise ExportError(problem)
-    prompts: list = []
-    try:
-        _, _, raw, _ = load_pairs(target.config, tokenizer)
-        prompts = [to_messages(raw[i])["prompt"] for i in range(min(3, len(raw or [])))]
-    except Exception as exc:  # noqa: BLE001 - a model folder without its data: the fixed prompts
-        log.info("held-out prompts unavailable (%s); using fixed prompts", exc)
-    if not prompts:
-        prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
-    return model, tokenizer, prompts
+    return weights, tokenizer, check_prompts(target.config, tokenizer)
 
 
 def export_gguf(spec: str, out: str | Path, kind: str = "f16", quantize_to: list[str] | tuple[str, ...] = (),
-                with_modelfile: bool = False, force: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Write, check and (optionally) quantize; returns what it measured. Raises ExportError on bad input."""
+                with_modelfile: bool = False, force: bool = False, overrides: list[str] | tuple[str, ...] = (),
+                transform=to_gguf) -> dict:
+    """Write, check and (optionally) quantize; returns what it measured. Raises ExportError on bad input,
+    CheckFailed (after removing the file) when a check fails. `transform`: how a weight becomes the file's
+    (the tests pass broken ones)."""
     out = Path(out)
+    quantize_to = [q.upper() for q in quantize_to]
     if kind not in TYPES:
         raise ExportError(f"--type {kind}: not one of {', '.join(TYPES)} (K-quants: --quantize)")
-    bad = [q for q in quantize_to if q.upper() not in K_QUANTS]
+    bad = [q for q in quantize_to if q not in K_QUANTS]
     if bad:
         raise ExportError(f"--quantize {bad[0]}: not one of {', '.join(K_QUANTS)}")
     if out.suffix != ".gguf":
@@ -520,24 +443,35 @@ def export_gguf(spec: str, out: str | Path, kind: str = "f16", quantize_to: list
         raise ExportError(f"{taken[0]} exists (add --force to replace it)")
     if quantize_to and quantizer() is None:
         raise ExportError(NO_QUANTIZER.format(quantize_to[0]))
-    model, tokenizer, prompts = source_model(spec, overrides)
+    weights, tokenizer, prompts = source_weights(spec, overrides)
+    arch = ARCHES[weights.config.model_type]
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result: dict = {"source": spec, "type": kind}
-    with atomic_file(out) as tmp:
-        write_gguf(model, tokenizer, tmp, kind, name=Path(spec).name or spec)
-        result["seconds"] = round(time.perf_counter() - started, 1)
-        check = check_gguf(tmp, model, tokenizer, prompts, kind)
-        result.update(size_bytes=tmp.stat().st_size, check={**check.__dict__, "passed": check.passed})
-        print_check(out, kind, check, result)
-        if not check.passed:
-            raise CheckFailed(result)
-    for q in quantize_to:
-        target = quant_path(out, q)
-        with atomic_file(target) as tmp:
-            quantize(out, tmp, q.upper())
-        result.setdefault("quantized", {})[q] = target.stat().st_size
-        print(f"{target}: {q.upper()} by llama.cpp, {target.stat().st_size / 2**20:.1f} MiB")
+    result: dict = {"source": spec, "type": kind, "parameters": weights.n_params, "streamed": weights.streamed}
+    reference = gguf_check.reference(weights, tokenizer, prompts)  # the source model runs here, then is dropped
+    names = tensor_names(weights, arch)
+    name = Path(spec).name or spec
+
+    def checked(path: Path, label: str, make) -> None:
+        started = time.perf_counter()
+        with atomic_file(path) as tmp:
+            make(tmp)
+            seconds = round(time.perf_counter() - started, 1)
+            check = gguf_check.check_file(tmp, weights, tokenizer, reference, label, names, transform, arch)
+            entry = {"size_bytes": tmp.stat().st_size, "seconds": seconds, "check": {**check.__dict__, "passed": check.passed}}
+            result.setdefault("files", {})[label] = entry
+            print_check(path, label, check, entry)
+            if not check.passed:
+                raise CheckFailed(result)
+
+    checked(out, kind, lambda tmp: write_gguf(weights, tokenizer, tmp, kind, name, transform))
+    if quantize_to:
+        with tempfile.TemporaryDirectory(dir=out.parent) as folder:  # llama.cpp quantizes from f16 or f32 only
+            source = out
+            if kind not in ("f16", "f32"):
+                source = Path(folder) / "source.f16.gguf"
+                write_gguf(weights, tokenizer, source, "f16", name, transform)
+            for q in quantize_to:
+                checked(quant_path(out, q), q, lambda tmp, q=q: quantize(source, tmp, q))
     if with_modelfile:
         with atomic_file(out.with_name("Modelfile")) as tmp:
             tmp.write_text(modelfile(out.name, tokenizer))
@@ -555,14 +489,17 @@ def quant_path(out: Path, name: str) -> Path:
     return out.with_name(f"{out.stem}.{name.upper()}.gguf")
 
 
-def print_check(out: Path, kind: str, check: ExportCheck, result: dict) -> None:
+def print_check(out: Path, label: str, check, entry: dict) -> None:
     verdict = "PASS" if check.passed else "FAIL"
-    print(f"{out}: {kind}, {result['size_bytes'] / 2**20:.1f} MiB, written in {result['seconds']} s")
-    print(f"read-back check (transformers' GGUF loader) vs the source model: max |logit diff| {check.max_abs_diff:.3e} "
-          f"(tolerance {check.tolerance:.3e} = {TOLERANCE[kind]:g} x max |logit| {check.scale:.2f}), "
-          f"top-1 agreement {100 * check.top1_agreement:.1f}%: {verdict}")
-    for line in check.config_mismatches:
-        print(f"  config read back differs: {line}")
+    kl, worst, top1 = gguf_check.limits(check.kind)
+    print(f"{out}: {label}, {entry['size_bytes'] / 2**20:.1f} MiB, written in {entry['seconds']} s")
+    print(f"  llama.cpp vs the source model on {len(check.prompt_lengths)} prompts ({check.positions} positions, the longest "
+          f"{max(check.prompt_lengths)} tokens): mean KL {check.kl_mean:.2e} nats (limit {kl:g}), worst prompt "
+          f"{check.kl_worst_prompt:.2e} (limit {worst:g}), top-1 agreement {100 * check.top1:.1f}% (at least {100 * top1:g}%)")
+    print(f"  tokens {'the same' if check.same_ids else 'DIFFERENT'}; tensors read back within {check.tensor_error:.1e} "
+          f"(relative RMS); metadata {'as the model implies' if not check.problems else 'DIFFERENT'}: {verdict}")
+    for line in [*check.problems[:12], *check.notes]:
+        print(f"  {line}")
 
 
 def run_export(spec: str, out: str, kind: str, quantize_to: list[str], with_modelfile: bool, force: bool,
