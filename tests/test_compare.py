@@ -66,12 +66,12 @@ def test_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [f"skipped {tmp_path}: not a run folder (no config.yaml)",
-                   "orpo: error: 0 run folder(s) among the 1 given: compare needs two (a run folder holds config.yaml, as orpo train's output_dir)"]
+                   "orpo: error: no run folder among the 1 given (a run folder holds config.yaml, as orpo train's output_dir)"]
 
 
 def test_what_is_not_a_run_is_skipped_with_its_reason(sweep, tmp_path, capsys):
     """`orpo compare runs/*` beside a merged model, a model folder, a file and an empty folder: each skipped with
-    one line saying what it is, the runs compared; with one run left, one error line."""
+    one line saying what it is, the runs compared; with none left, one error line."""
     merged, model, empty = tmp_path / "orpo-merged", tmp_path / "model", tmp_path / "empty"
     for folder in (merged, model, empty):
         folder.mkdir()
@@ -91,6 +91,6 @@ def test_what_is_not_a_run_is_skipped_with_its_reason(sweep, tmp_path, capsys):
         f"skipped {empty}: not a run folder (no config.yaml)",
     ]
     assert "orpo compare: 2 runs" in page.read_text() and captured.out.splitlines()[1].split() == ["beta", "0.1", "0.5"]
-    assert main(["compare", str(sweep[0]), str(merged), "--out", str(page)]) == 1
+    assert main(["compare", str(model), str(merged), "--out", str(page)]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and err[1].startswith("orpo: error: 1 run folder(s) among the 2 given: compare needs two")
+    assert len(err) == 3 and err[2].startswith("orpo: error: no run folder among the 2 given")

@@ -325,8 +325,13 @@ def test_bad_input_is_one_line(tiny_run, tmp_path, capsys):
                                   num_attention_heads=4, num_key_value_heads=2)
     AutoModelForCausalLM.from_config(config).save_pretrained(other)
     make_tokenizer(chat=True).save_pretrained(other)
+    gemma3 = tmp_path / "gemma3"
+    gemma3.mkdir()
+    (gemma3 / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"},
+                                                    "vision_config": {"model_type": "siglip_vision_model"}}))
     cases = [
         ([str(half), "--gguf", str(tmp_path / "a.gguf")], "did the run finish"),
+        ([str(gemma3), "--gguf", str(tmp_path / "e.gguf")], "export its text model instead"),
         ([str(other), "--gguf", str(tmp_path / "b.gguf")], "supported: gemma2, gemma3_text, llama"),
         ([str(tiny_run), "--gguf", str(tmp_path / "c.bin")], "must end in .gguf"),
         ([str(tiny_run), "--gguf", str(tmp_path / "d.gguf"), "--quantize", "Q9_X"], "not one of"),
@@ -335,7 +340,7 @@ def test_bad_input_is_one_line(tiny_run, tmp_path, capsys):
         assert main(["export", *argv]) in (1, 2)
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "olmo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3", "half", "olmo"]
     unknown = subprocess.run([sys.executable, "-m", "orpo.cli", "export", str(tiny_run), "--gguf", "x.gguf", "--type", "q3"],
                              capture_output=True, text=True)
     assert unknown.returncode == 2 and "invalid choice: 'q3'" in unknown.stderr
@@ -363,3 +368,39 @@ def test_a_run_on_a_gguf_base_merges(tmp_path, capsys):
     full = tmp_path / "full"  # full fine-tuning on that base saves final/ with the same call
     items = [i.replace(f"output_dir={run}", f"output_dir={full}") for i in items] + ["lora.enabled=false"]
     assert main(["train", *items]) == 0 and (full / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_large_model_runs_layer_by_layer_from_the_stream(tmp_path, monkeypatch, arch):
+    """Above IN_MEMORY_PARAMS the check's source model is never whole: accelerate's hooks read each weight from the
+    stream when its layer runs, all prompts in one padded batch. Its log-probs equal the whole model's."""
+    import numpy as np
+
+    from orpo.after import gguf_check
+    from orpo.after.weights import InMemory, folder_weights
+    from orpo.data.pairs import prompt_ids
+
+    model, tokenizer = tiny(*ARCHES[arch])
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    streamed = folder_weights(tmp_path, tokenizer, [])
+    ids = prompt_ids(tokenizer, PROMPTS)
+    whole = gguf_check.reference_logprobs(InMemory(model).model, ids)
+    monkeypatch.setattr(gguf_check, "IN_MEMORY_PARAMS", 0)
+    offloaded = gguf_check.reference_model(streamed)
+    assert not any(p.device.type == "cpu" for p in offloaded.parameters())  # on the meta device between forwards
+    layered = gguf_check.reference_logprobs(offloaded, ids, batched=True)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(whole, layered, strict=True)) < 1e-4
+
+
+def test_an_adapter_run_is_streamed(tiny_run, tmp_path):
+    result = export.export_gguf(str(tiny_run), tmp_path / "m.gguf", "f16")
+    assert result["streamed"] and result["files"]["f16"]["check"]["passed"]
+
+
+def test_a_k_quant_from_a_q8_0_export_goes_through_a_temporary_f16(tiny_run, tmp_path):
+    """llama.cpp will not requantize q8_0 or bf16: the K-quant is made from a temporary f16 file, checked, and the
+    temporary file is gone."""
+    result = export.export_gguf(str(tiny_run), tmp_path / "m.gguf", "q8_0", ["Q4_K_M"])
+    assert sorted(result["files"]) == ["Q4_K_M", "q8_0"] and all(f["check"]["passed"] for f in result["files"].values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Q4_K_M.gguf", "m.gguf"]

@@ -155,7 +155,7 @@ def merge(run: str | Path, out: str | Path, *, dtype: str = "bf16", max_shard_si
 
 def export(target: str | Path, gguf: str | Path, *, type: str = "f16", quantize: list[str] | tuple[str, ...] = (),
            modelfile: bool = False, force: bool = False, trust_remote_code: bool = False) -> dict:
-    """One GGUF file for llama.cpp and Ollama from a run or model, read back and checked (`orpo export`);
+    """One GGUF file for llama.cpp and Ollama from a run or model, checked by llama.cpp (`orpo export`);
     returns what was measured. Raises CheckFailed (no file left) when the check fails."""
     from .after.export import CheckFailed as ExportCheckFailed
     from .after.export import export_gguf

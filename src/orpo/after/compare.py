@@ -7,7 +7,7 @@ evaluation curve with every run overlaid. The same tables are printed as text.
 
 A run is a folder with config.yaml (`orpo train`'s output_dir, finished or not). Anything else among the folders
 given (a merged model beside the runs, as `runs/*` picks up `runs/orpo-merged`; a model folder; a file) is skipped
-with one line on stderr saying why; fewer than two runs left is an error.
+with one line on stderr saying why; none left is an error (one run alone is shown, as before).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def short_names(folders: list[str]) -> list[str]:
 
 def compare_runs(folders: list[str], out: str) -> tuple[list[Run], Path]:
     """Read the runs (named by what their folders do not share) and write the page to `out`: (runs, page path).
-    Folders that are not runs are skipped, one line each on stderr; fewer than two runs left: FileNotFoundError."""
+    Folders that are not runs are skipped, one line each on stderr; no run left: FileNotFoundError."""
     kept = []
     for folder in folders:
         why = not_a_run(folder)
@@ -189,8 +189,8 @@ def compare_runs(folders: list[str], out: str) -> tuple[list[Run], Path]:
             print(f"skipped {folder}: {why}", file=sys.stderr)
         else:
             kept.append(folder)
-    if len(kept) < 2:
-        raise FileNotFoundError(f"{len(kept)} run folder(s) among the {len(folders)} given: compare needs two "
+    if not kept:
+        raise FileNotFoundError(f"no run folder among the {len(folders)} given "
                                 "(a run folder holds config.yaml, as orpo train's output_dir)")
     runs = [load_run(f) for f in kept]
     for run, name in zip(runs, short_names(kept), strict=True):

@@ -1,10 +1,11 @@
-"""`orpo export`: a run or a model -> one GGUF file for llama.cpp and Ollama, read back and checked.
+"""`orpo export`: a run or a model -> one GGUF file for llama.cpp and Ollama, checked by llama.cpp.
 
-An adapter run is merged in memory first (merge.merged_model: fp32, the adapter folded in); a merged folder or
-a fully trained run is used as it is. The file is written with the `gguf` package's writer and its tensor-name
-maps. What differs between architectures is in ARCHES: llama.cpp's Llama graph rotates q/k in interleaved
-pairs, so their rows are permuted (transformers rotates halves); Gemma stores RMSNorm weights as w while
-llama.cpp multiplies by them directly, so 1 is added; Gemma never writes an output layer (tied).
+The file is streamed: the merged model's tensors come one at a time from after/weights.py (base shards + the
+adapter's delta, in fp32), each is changed to llama.cpp's layout, encoded and written before the next is read;
+the header and tensor table go first, computed from the shapes. Memory is one tensor, not the model. What
+differs between architectures is in ARCHES: llama.cpp's Llama graph rotates q/k in interleaved pairs, so their
+rows are permuted (transformers rotates halves); Gemma stores RMSNorm weights as w while llama.cpp multiplies by
+them directly, so 1 is added; Gemma never writes an output layer (tied).
 
 Metadata: sizes, head and key/value-head counts, head size, rope base (and the sliding layers' base),
 rope scaling, norm epsilon, sliding window, soft-capping; the tokenizer (byte-level BPE with its
@@ -12,14 +13,13 @@ pre-tokenizer, or SentencePiece-style BPE with byte fallback), BOS/EOS/end-of-tu
 template's end-of-turn token (without it llama.cpp generates past the end of the reply), and the chat
 template itself.
 
-Check: the written file is read back by transformers' GGUF loader (its own inverse of every step above) into
-a model built from the source config; the logits of both on the run's held-out prompts are compared with a
-tolerance that follows the type (TOLERANCE, relative to the largest |logit|), and the config fields the loader
-reads from the file must equal the source's. FAIL exits 1 and removes the file.
+Check (after/gguf_check.py): llama.cpp runs the file and its next-token distributions are compared with the fp32
+source model's (KL divergence and top-1 agreement, limits per type); the tensors are read back one at a time;
+the metadata and what llama.cpp reads are compared with the config. FAIL exits 1 and removes the file.
 
 Types f32/f16/bf16/q8_0 are written here (1-D tensors stay f32, as llama.cpp does); K-quants (Q4_K_M ...)
-come from llama.cpp itself (`quantize`), from the f16 file.
-"""
+come from llama.cpp itself (`quantize`), from an f16 file (the output, or a temporary one when --type is
+bf16 or q8_0: llama.cpp will not requantize those), and are checked like the rest."""
 
 from __future__ import annotations
 
@@ -81,9 +81,28 @@ class ExportError(ConfigError):
 
 def supported_problem(config) -> str | None:
     kind = getattr(config, "model_type", "?")
+    if kind == "gemma3":
+        return ("model type 'gemma3' is Gemma 3 with its vision tower (4B, 12B, 27B): export its text model instead, a "
+                "checkpoint of model_type 'gemma3_text' (Gemma3ForCausalLM.from_pretrained(...).save_pretrained(FOLDER), "
+                "then train or export FOLDER; the 270M and 1B checkpoints are text models already)")
     if kind not in ARCHES:
         return f"model type '{kind}' cannot be exported to GGUF; supported: {', '.join(sorted(ARCHES))}"
     return None
+
+
+def source_problem(target) -> str | None:
+    """supported_problem of the model `target` names, read from its config.json alone (nothing loaded)."""
+    from transformers import AutoConfig
+
+    from ..model.load import model_source
+
+    try:
+        if target.kind == "run" and not target.is_adapter:
+            return supported_problem(AutoConfig.from_pretrained(target.final_dir))
+        source, kwargs = model_source(target.config)
+        return supported_problem(AutoConfig.from_pretrained(source, **kwargs))
+    except (OSError, ValueError, KeyError):
+        return None  # the loading that follows says what is wrong
 
 
 # ---------------------------------------------------------------- tensors
@@ -415,6 +434,9 @@ def source_weights(spec: str, overrides: list[str] | tuple[str, ...] = ()):
     target = resolve(spec, overrides)
     if target.kind == "run" and not (target.final_dir / "adapter_config.json").is_file() and not (target.final_dir / "config.json").is_file():
         raise FileNotFoundError(f"{spec}: final/ holds neither an adapter nor a model")  # a file error, exit 1 as in resolve
+    problem = source_problem(target)
+    if problem:
+        raise ExportError(problem)
     weights, tokenizer = merged_weights(target)
     problem = supported_problem(weights.config)
     if problem:

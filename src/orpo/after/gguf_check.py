@@ -49,6 +49,7 @@ _K = {"Q6_K": (0.1, 0.2, 0.8), "Q5_K_M": (0.25, 0.5, 0.7), "Q5_K_S": (0.25, 0.5,
 THRESHOLDS = {"f32": (1e-4, 2e-4, 0.97), "f16": (1e-4, 2e-4, 0.97), "bf16": (5e-3, 1e-2, 0.93), "q8_0": (3e-2, 6e-2, 0.85),
               "Q8_0": (3e-2, 6e-2, 0.85), **_K}
 IN_MEMORY_PARAMS = 1_000_000_000  # up to 4 GB of fp32 weights: the source model is built whole
+CHUNK_BYTES = 64 * 2**20  # rows of a tensor read back at a time
 LONG_PROMPT_CAP = 4096  # tokens: a longer window or original context is checked up to here (said in the report)
 
 
@@ -92,14 +93,23 @@ def read_back_tensors(path: Path, weights, names: dict[str, str], transform, arc
             if shape != tuple(want.shape):
                 problems.append(f"tensor {entry.name}: shape {shape} in the file, {tuple(want.shape)} in the model")
                 continue
+            rows = want.reshape(-1, shape[-1])
+            row_bytes = entry.n_bytes // rows.shape[0]
+            step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+            error_sq = norm_sq = 0.0
             f.seek(entry.data_offset)
-            raw = np.frombuffer(f.read(entry.n_bytes), dtype=np.uint8)
-            got = decode(raw, entry.tensor_type, shape)
-            error = float(np.linalg.norm(got - want.numpy()) / max(float(want.norm()), 1e-30))
+            for start in range(0, rows.shape[0], step):  # a chunk of rows at a time: one tensor's copy, not three
+                part = rows[start:start + step].numpy()
+                raw = np.frombuffer(f.read(row_bytes * part.shape[0]), dtype=np.uint8)
+                got = decode(raw, entry.tensor_type, part.shape)
+                error_sq += float(np.square(got - part, dtype=np.float64).sum())
+                norm_sq += float(np.square(part, dtype=np.float64).sum())
+            error = (error_sq / max(norm_sq, 1e-60)) ** 0.5
             bound = TENSOR_ERROR.get(entry.tensor_type.name)
             if bound is None or error > bound:
                 problems.append(f"tensor {entry.name} ({entry.tensor_type.name}): relative error {error:.2e} read back")
             worst = max(worst, error)
+            del want, rows
     return worst, problems
 
 
@@ -274,8 +284,17 @@ def reference_model(weights):
 
 
 @torch.no_grad()
-def reference_logprobs(model, ids_list: list[list[int]]) -> list[np.ndarray]:
-    """(T, V) next-token log-probs of each prompt, fp32."""
+def reference_logprobs(model, ids_list: list[list[int]], batched: bool = False) -> list[np.ndarray]:
+    """(T, V) next-token log-probs of each prompt, fp32. `batched`: all prompts in one right-padded forward (an
+    offloaded model then reads its weights once, not once per prompt)."""
+    if batched:
+        width = max(len(ids) for ids in ids_list)
+        x = torch.zeros((len(ids_list), width), dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, ids in enumerate(ids_list):
+            x[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), 1
+        logits = model(input_ids=x, attention_mask=mask).logits.float()
+        return [torch.log_softmax(logits[i, : len(ids)], -1).numpy() for i, ids in enumerate(ids_list)]
     model(input_ids=torch.tensor([ids_list[0][:8]]))  # the first CPU forward can take other kernels: not scored
     return [torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1).numpy() for ids in ids_list]
 
@@ -323,7 +342,7 @@ def reference(weights, tokenizer, prompts: list[list[dict[str, str]]]) -> Refere
     ids = prompt_ids(tokenizer, prompts)
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     model = reference_model(weights)
-    logprobs = reference_logprobs(model, ids)
+    logprobs = reference_logprobs(model, ids, batched=weights.n_params > IN_MEMORY_PARAMS)
     del model
     gc.collect()
     return Reference(prompts, texts, ids, logprobs, notes)

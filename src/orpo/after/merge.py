@@ -98,7 +98,9 @@ def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: 
         generation.eos_token_id, generation.pad_token_id = eot, tokenizer.pad_token_id
         generation.save_pretrained(out)
     else:
-        model = weights.model.to(torch_dtype)  # one rounding per weight
+        model = weights.model
+        del weights  # its state dict holds the fp32 tensors: let each go as it is cast
+        model = model.to(torch_dtype)  # one rounding per weight
         model.generation_config.eos_token_id = eot
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = eot
@@ -109,22 +111,14 @@ def merge_run(run_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"], out: 
     return out
 
 
-def merged_model(target):
-    """(fp32 model with the run's adapter folded in, tokenizer); a merged folder or full run as it is.
-    The whole model in memory: what after.weights falls back to when it cannot stream."""
-    model, tokenizer = load(target, dtype="float32", quantized=False)
-    if target.is_adapter:
-        model = model.merge_and_unload()  # in fp32
-    return model, tokenizer
-
-
 # ---------------------------------------------------------------- the streamed writer
 
 
 def write_weights(weights: Weights, dtype: torch.dtype, out: Path, max_shard_size: str) -> None:
     """`weights` cast to `dtype`, in safetensors shards of at most `max_shard_size` laid out as transformers'
-    save_pretrained lays them out (huggingface_hub's split in state-dict order; a tensor larger than the limit
-    gets a shard of its own). Each tensor is computed, cast and written on its own: one tensor in memory."""
+    save_pretrained lays them out: huggingface_hub's split, in state-dict order (transformers 5 sorts the names
+    of some architectures first: which tensors share a shard matters to no loader), a tensor larger than the
+    limit in a shard of its own. Each tensor is computed, cast and written on its own: one tensor in memory."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -212,7 +206,7 @@ def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts
                 base = prompt_logits(reference, tokenizer, prompts)
             effect = max(float((a - b).abs().max()) for a, b in zip(want, base, strict=True))
     del reference
-    gc.collect()  # peft's wrappers hold reference cycles: free the adapter model before the merged one loads
+    gc.collect()  # should a reference cycle hold it (peft's wrappers can), it goes now, before the merged model loads
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, DTYPES[weights_dtype]),
                                                   trust_remote_code=target.config.model.trust_remote_code).eval()
     with fp32_arithmetic(merged):
@@ -225,16 +219,19 @@ def check_merge(run_dir: str | Path, merged_dir: str | Path, dtype: str, prompts
 
 @contextmanager
 def fp32_arithmetic(model):
-    """A 16-bit model run in fp32 arithmetic: each block (the largest modules holding at most twice the largest
-    tensor: a decoder layer, the embeddings, the output layer) is cast to fp32 just before its forward, and its
-    16-bit tensors put back just after. The cast is exact (every 16-bit number is an fp32 number), so the logits
-    are those of the model loaded in fp32, bit for bit, while memory holds the 16-bit model plus one fp32 block.
-    Does nothing to an fp32 model."""
+    """A 16-bit model run in fp32 arithmetic, one block at a time: a module holding at most twice the largest
+    tensor (a decoder layer, the embeddings, the output layer) casts its 16-bit tensors to fp32 just before its
+    forward and puts the 16-bit tensors themselves back just after (a larger module, only the tensors it holds
+    itself). Every module gets the hooks; the outermost one called does the casting (its inner ones find fp32
+    already), so containers that are never called (ModuleList) cost nothing. The cast is exact (every 16-bit
+    number is an fp32 number): the logits are those of the model loaded in fp32, bit for bit, while memory holds
+    the 16-bit model plus one block in fp32. Does nothing to an fp32 model."""
     largest = max(p.numel() for p in model.parameters())
+    whole = {module: sum(p.numel() for p in module.parameters()) <= 2 * largest for module in model.modules()}
     handles, saved = [], {}
 
     def up(module, args, kwargs):
-        saved[module] = [(p, p.data) for p in module.parameters() if p.dtype in HALF]
+        saved[module] = [(p, p.data) for p in module.parameters(recurse=whole[module]) if p.dtype in HALF]
         for p, data in saved[module]:
             p.data = data.float()
         return _fp32(args), _fp32(kwargs)
@@ -243,16 +240,9 @@ def fp32_arithmetic(model):
         for p, data in saved.pop(module):
             p.data = data  # the 16-bit tensor itself: nothing rounded, nothing allocated
 
-    def blocks(module):
-        if not any(p.dtype in HALF for p in module.parameters()):
-            return
-        if sum(p.numel() for p in module.parameters()) <= 2 * largest or any(True for _ in module.parameters(recurse=False)):
+    for module in model.modules():
+        if any(p.dtype in HALF for p in module.parameters()):
             handles.extend([module.register_forward_pre_hook(up, with_kwargs=True), module.register_forward_hook(down)])
-        else:
-            for child in module.children():
-                blocks(child)
-
-    blocks(model)
     try:
         yield model
     finally:

@@ -123,6 +123,16 @@ def load(target: Target, dtype: str | None = None, quantized: bool = True):
     return _ready(model, tokenizer), tokenizer
 
 
+def merged_model(target: Target):
+    """(fp32 model with the run's adapter folded in by peft, tokenizer); a merged folder or full run as it is.
+    The whole model in memory: what after.weights falls back to when it cannot stream (it lives here, not in
+    after.merge, since merge imports weights)."""
+    model, tokenizer = load(target, dtype="float32", quantized=False)
+    if target.is_adapter:
+        model = model.merge_and_unload()  # in fp32
+    return model, tokenizer
+
+
 def _ready(model, tokenizer):
     """Pad and end-of-turn ids set as in training; eval mode."""
     model.config.pad_token_id = tokenizer.pad_token_id

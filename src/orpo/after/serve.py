@@ -4,7 +4,7 @@ existing engine in the foreground; orpo runs no server of its own.
 Two engines, chosen by what the machine has (vLLM with CUDA, else llama.cpp):
 
     llama-cpp  llama-cpp-python's server on a GGUF file. A run, merged folder or model folder is exported first
-               (export.export_gguf, checked by reading it back) to <folder>/gguf/model.f16.gguf and reused while it
+               (export.export_gguf, checked by llama.cpp) to <folder>/gguf/model.f16.gguf and reused while it
                is newer than the weights; a base model that is no local folder goes to the orpo cache. The file
                carries the chat template and EOS = the end-of-turn token, and no chat_format is passed, so the
                server formats with that template and stops at the end of the turn (llama_cpp/llama.py: with

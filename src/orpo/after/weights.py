@@ -293,7 +293,7 @@ def merged_weights(target) -> tuple[Weights, object]:
         return folder_weights(folder, tokenizer, new_ids), tokenizer
     except NotStreamable as why:
         log.warning("loading the whole model in fp32 (%s)", why)
-    from .merge import merged_model
+    from .runs import merged_model
 
     model, tokenizer = merged_model(target)
     return InMemory(model), tokenizer
