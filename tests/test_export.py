@@ -404,3 +404,24 @@ def test_a_k_quant_from_a_q8_0_export_goes_through_a_temporary_f16(tiny_run, tmp
     result = export.export_gguf(str(tiny_run), tmp_path / "m.gguf", "q8_0", ["Q4_K_M"])
     assert sorted(result["files"]) == ["Q4_K_M", "q8_0"] and all(f["check"]["passed"] for f in result["files"].values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Q4_K_M.gguf", "m.gguf"]
+
+
+def test_the_check_prompts_are_read_without_tokenizing_the_data(tiny_run, monkeypatch):
+    """Export needs three held-out prompts, not the tokenized training set, and never the network for them."""
+    from conftest import PAIRS
+    from orpo.after.merge import PROMPTS
+    from orpo.after.runs import resolve
+    from orpo.data import pairs
+    from orpo.model.load import load_tokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was tokenized")
+
+    monkeypatch.setattr(pairs, "tokenize_rows", refuse)
+    target = resolve(str(tiny_run))
+    tokenizer, _ = load_tokenizer(target.config)
+    prompts = export.check_prompts(target.config, tokenizer)
+    held_out = {p["prompt"] for p in PAIRS}
+    assert len(prompts) == 3 and all(p[-1]["role"] == "user" and p[-1]["content"] in held_out for p in prompts)
+    elsewhere = target.config.model_copy(update={"data": target.config.data.model_copy(update={"path": "someone/dataset"})})
+    assert [p[0]["content"] for p in export.check_prompts(elsewhere, tokenizer)] == PROMPTS  # a Hub id: not fetched
