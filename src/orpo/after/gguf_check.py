@@ -40,13 +40,17 @@ log = logging.getLogger(__name__)
 TENSOR_ERROR = {"F32": 1e-7, "F16": 1e-3, "BF16": 6e-3, "Q8_0": 3e-2, "Q6_K": 4e-2, "Q5_K": 8e-2, "Q5_0": 8e-2,
                 "Q5_1": 8e-2, "Q4_K": 0.15, "Q4_0": 0.15, "Q4_1": 0.15, "IQ4_NL": 0.15, "Q3_K": 0.3, "Q2_K": 0.5}
 # (largest mean KL in nats, largest mean KL of one prompt, smallest top-1 agreement) per type. Set from the valid
-# files measured in the README ("What the check accepts": the demo model, a run trained on real data, Gemma 3
-# 270M, the tiny models of every architecture), several times the worst of them; a broken file of a real model
-# is at 1 nat or more. The K-quants lose what they lose by design: their limits catch broken files, not drift.
-_K = {"Q6_K": (0.1, 0.2, 0.8), "Q5_K_M": (0.25, 0.5, 0.7), "Q5_K_S": (0.25, 0.5, 0.7), "Q5_0": (0.25, 0.5, 0.7),
-      "Q4_K_M": (0.25, 0.5, 0.7), "Q4_K_S": (0.25, 0.5, 0.7), "Q4_0": (0.25, 0.5, 0.7), "Q3_K_L": (0.5, 1.0, 0.55),
-      "Q3_K_M": (0.5, 1.0, 0.55), "Q3_K_S": (0.5, 1.0, 0.55), "Q2_K": (1.0, 2.0, 0.4)}
-THRESHOLDS = {"f32": (1e-4, 2e-4, 0.97), "f16": (1e-4, 2e-4, 0.97), "bf16": (5e-3, 1e-2, 0.93), "q8_0": (3e-2, 6e-2, 0.85),
+# files measured in the README ("What the check accepts": the demo model and its base, a run trained on real
+# data, Gemma 3 270M, the tiny models of every architecture), several times the worst of them; a broken layout
+# on a real model is near a nat (the demo run without the rotary permutation: 0.95). A K-quant is made by
+# llama.cpp from a file of the same layout that has passed (the f16 output, or a temporary f16 beside a checked
+# bf16/q8_0 one): its limits catch a failed quantization, not a layout, and allow what 4 bits lose on a small
+# model (Gemma 3 270M at Q4_K_M: 0.63 nats, worst prompt 1.6). Q3 and Q2 were not measured: wider again.
+_Q5, _Q4 = (0.25, 0.5, 0.7), (1.0, 3.0, 0.6)
+_K = {"Q6_K": (0.1, 0.2, 0.8), "Q5_K_M": _Q5, "Q5_K_S": _Q5, "Q5_0": _Q5, "Q4_K_M": _Q4, "Q4_K_S": _Q4, "Q4_0": _Q4,
+      "Q3_K_L": (2.0, 5.0, 0.45), "Q3_K_M": (2.0, 5.0, 0.45), "Q3_K_S": (2.0, 5.0, 0.45), "Q2_K": (3.0, 8.0, 0.3)}
+# Top-1 is a second opinion: near-ties flip under any rounding, so its limits leave room (valid f16: 99.3% and up).
+THRESHOLDS = {"f32": (1e-4, 2e-4, 0.9), "f16": (1e-4, 2e-4, 0.9), "bf16": (5e-3, 1e-2, 0.9), "q8_0": (3e-2, 6e-2, 0.85),
               "Q8_0": (3e-2, 6e-2, 0.85), **_K}
 IN_MEMORY_PARAMS = 1_000_000_000  # up to 4 GB of fp32 weights: the source model is built whole
 CHUNK_BYTES = 64 * 2**20  # rows of a tensor read back at a time
@@ -65,6 +69,7 @@ class GGUFCheck:
     same_ids: bool  # llama.cpp tokenized every rendered prompt to the source's ids
     problems: list[str] = field(default_factory=list)  # tensors and metadata
     notes: list[str] = field(default_factory=list)
+    kl_by_prompt: list[float] = field(default_factory=list)  # each prompt's mean, in prompt order
 
     @property
     def passed(self) -> bool:
@@ -376,7 +381,8 @@ def check_file(path: Path, weights, tokenizer, ref: Reference, kind: str, names:
     kls, agree = zip(*(kl_top1(r, g) for r, g in zip(ref.logprobs, got, strict=True)), strict=True)
     all_kl, all_agree = np.concatenate(kls), np.concatenate(agree)
     return GGUFCheck(kind, tensor_error, float(all_kl.mean()), float(max(k.mean() for k in kls)), float(all_agree.mean()),
-                     int(all_kl.size), [len(i) for i in ref.ids], bool(same), problems, list(ref.notes))
+                     int(all_kl.size), [len(i) for i in ref.ids], bool(same), problems, list(ref.notes),
+                     [float(k.mean()) for k in kls])
 
 
 def limits(kind: str) -> tuple[float, float, float]:
