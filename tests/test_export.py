@@ -86,16 +86,28 @@ def tiny(model_type: str, fields: dict, seed: int = 0, hidden: int = 64):
     return model, tokenizer
 
 
+def write_and_check(weights, tokenizer, reference, path, kind: str, transform=export.to_gguf):
+    """Write `weights` to `path` as `kind` (a K-quant: from an f16 file beside it, by llama.cpp) and check the file
+    as `orpo export` does, against the source's log-probs in `reference`."""
+    from orpo.after import gguf_check
+
+    arch = export.ARCHES[weights.config.model_type]
+    if kind in export.K_QUANTS:
+        source = path.with_name(f"{path.stem}.f16.gguf")
+        export.write_gguf(weights, tokenizer, source, "f16", "tiny", transform)
+        export.quantize(source, path, kind)
+    else:
+        export.write_gguf(weights, tokenizer, path, kind, "tiny", transform)
+    return gguf_check.check_file(path, weights, tokenizer, reference, kind, export.tensor_names(weights, arch), transform, arch)
+
+
 def export_tiny(model, tokenizer, path, kind: str, transform=export.to_gguf, prompts=PROMPTS):
     """Write `model` to `path` as `kind` and check the file as `orpo export` does."""
     from orpo.after import gguf_check
     from orpo.after.weights import InMemory
 
     weights = InMemory(model)
-    arch = export.ARCHES[model.config.model_type]
-    reference = gguf_check.reference(weights, tokenizer, prompts)
-    export.write_gguf(weights, tokenizer, path, kind, "tiny", transform)
-    return gguf_check.check_file(path, weights, tokenizer, reference, kind, export.tensor_names(weights, arch), transform, arch)
+    return write_and_check(weights, tokenizer, gguf_check.reference(weights, tokenizer, prompts), path, kind, transform)
 
 
 def summary(check) -> str:
@@ -124,17 +136,8 @@ def test_a_k_quant_made_from_f16_is_checked_like_the_rest(tmp_path, arch):
     """Rows of 256 (hidden 256), so that llama.cpp's K-quant blocks apply and the file holds Q4_K and Q6_K tensors."""
     import gguf
 
-    from orpo.after import gguf_check
-    from orpo.after.weights import InMemory
-
     model, tokenizer = tiny(*ARCHES[arch], hidden=256)
-    weights = InMemory(model)
-    arch_ = export.ARCHES[model.config.model_type]
-    reference = gguf_check.reference(weights, tokenizer, PROMPTS)
-    export.write_gguf(weights, tokenizer, tmp_path / "m.f16.gguf", "f16", "tiny")
-    export.quantize(tmp_path / "m.f16.gguf", tmp_path / "m.Q4_K_M.gguf", "Q4_K_M")
-    check = gguf_check.check_file(tmp_path / "m.Q4_K_M.gguf", weights, tokenizer, reference, "Q4_K_M",
-                                  export.tensor_names(weights, arch_), export.to_gguf, arch_)
+    check = export_tiny(model, tokenizer, tmp_path / "m.Q4_K_M.gguf", "Q4_K_M")
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.Q4_K_M.gguf").tensors}
     print(f"{arch} Q4_K_M ({sorted(kinds)}): {summary(check)}")
     assert "Q4_K" in kinds and check.passed, summary(check)
@@ -174,16 +177,9 @@ def test_a_broken_file_fails(tmp_path, arch, transform, kind):
 def test_a_k_quant_of_a_broken_file_fails(tmp_path):
     """The K-quants' limits allow what 4 bits lose; a file whose layout is wrong is still far outside them."""
     from orpo.after import gguf_check
-    from orpo.after.weights import InMemory
 
     model, tokenizer = tiny(*ARCHES["gemma3"], hidden=256)
-    weights = InMemory(model)
-    arch = export.ARCHES[model.config.model_type]
-    reference = gguf_check.reference(weights, tokenizer, PROMPTS)
-    export.write_gguf(weights, tokenizer, tmp_path / "m.f16.gguf", "f16", "tiny", without_norm_shift)
-    export.quantize(tmp_path / "m.f16.gguf", tmp_path / "m.Q4_K_M.gguf", "Q4_K_M")
-    check = gguf_check.check_file(tmp_path / "m.Q4_K_M.gguf", weights, tokenizer, reference, "Q4_K_M",
-                                  export.tensor_names(weights, arch), without_norm_shift, arch)
+    check = export_tiny(model, tokenizer, tmp_path / "m.Q4_K_M.gguf", "Q4_K_M", without_norm_shift)
     assert not check.passed and check.kl_mean > gguf_check.limits("Q4_K_M")[0], summary(check)
 
 

@@ -46,9 +46,9 @@ TENSOR_ERROR = {"F32": 1e-7, "F16": 1e-3, "BF16": 6e-3, "Q8_0": 3e-2, "Q6_K": 4e
 # llama.cpp from a file of the same layout that has passed (the f16 output, or a temporary f16 beside a checked
 # bf16/q8_0 one): its limits catch a failed quantization, not a layout, and allow what 4 bits lose on a small
 # model (Gemma 3 270M at Q4_K_M: 0.63 nats, worst prompt 1.6). Q3 and Q2 were not measured: wider again.
-_Q5, _Q4 = (0.25, 0.5, 0.7), (1.0, 3.0, 0.6)
+_Q5, _Q4, _Q3 = (0.25, 0.5, 0.7), (1.0, 3.0, 0.6), (2.0, 5.0, 0.45)
 _K = {"Q6_K": (0.1, 0.2, 0.8), "Q5_K_M": _Q5, "Q5_K_S": _Q5, "Q5_0": _Q5, "Q4_K_M": _Q4, "Q4_K_S": _Q4, "Q4_0": _Q4,
-      "Q3_K_L": (2.0, 5.0, 0.45), "Q3_K_M": (2.0, 5.0, 0.45), "Q3_K_S": (2.0, 5.0, 0.45), "Q2_K": (3.0, 8.0, 0.3)}
+      "Q3_K_L": _Q3, "Q3_K_M": _Q3, "Q3_K_S": _Q3, "Q2_K": (3.0, 8.0, 0.3)}
 # Top-1 is a second opinion: near-ties flip under any rounding, so its limits leave room (valid f16: 99.3% and up).
 THRESHOLDS = {"f32": (1e-4, 2e-4, 0.9), "f16": (1e-4, 2e-4, 0.9), "bf16": (5e-3, 1e-2, 0.9), "q8_0": (3e-2, 6e-2, 0.85),
               "Q8_0": (3e-2, 6e-2, 0.85), **_K}
@@ -380,9 +380,9 @@ def check_file(path: Path, weights, tokenizer, ref: Reference, kind: str, names:
         llm.close()
     kls, agree = zip(*(kl_top1(r, g) for r, g in zip(ref.logprobs, got, strict=True)), strict=True)
     all_kl, all_agree = np.concatenate(kls), np.concatenate(agree)
-    return GGUFCheck(kind, tensor_error, float(all_kl.mean()), float(max(k.mean() for k in kls)), float(all_agree.mean()),
-                     int(all_kl.size), [len(i) for i in ref.ids], bool(same), problems, list(ref.notes),
-                     [float(k.mean()) for k in kls])
+    by_prompt = [float(k.mean()) for k in kls]
+    return GGUFCheck(kind, tensor_error, float(all_kl.mean()), max(by_prompt), float(all_agree.mean()), int(all_kl.size),
+                     [len(i) for i in ref.ids], bool(same), problems, list(ref.notes), by_prompt)
 
 
 def limits(kind: str) -> tuple[float, float, float]:
