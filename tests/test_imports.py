@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "orpo"
 # The stages in the order data flows; a module may import its own stage's and earlier stages' modules only.
-STAGES = ["data", "model", "training", "after"]
+STAGES = ["data", "model", "training", "after", "search"]
 BASE = {"orpo.config", "orpo.trl_names", "orpo.files", "orpo.hub_errors"}  # imported by every stage; they import nothing later
 TOP = BASE | {"orpo", "orpo.cli", "orpo.api", "orpo.trainer"}  # the top level: the Python API (api, trainer) and
 # the command line over it call into every stage

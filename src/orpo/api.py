@@ -16,14 +16,13 @@ and after a training run, and the caller's random number generators are restored
 
 from __future__ import annotations
 
-import contextlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, make_config
+from .config import Config, ConfigError, make_config
+from .training.engine import isolated, reset_accelerate  # noqa: F401  (orpo.api.isolated, as before)
 
 
 class CheckFailed(RuntimeError):
@@ -32,34 +31,6 @@ class CheckFailed(RuntimeError):
     def __init__(self, message: str, result: Any):
         super().__init__(message)
         self.result = result
-
-
-@contextlib.contextmanager
-def isolated():
-    """Run a job without leaving process-wide state behind: Accelerate's shared state is cleared before (a
-    failed or finished earlier run cannot change this one) and after, and the global random number generators
-    (Python, NumPy, torch) are as they were. In a distributed launch Accelerate's state belongs to the launch and
-    is left alone."""
-    import os
-
-    import numpy as np
-    import torch
-
-    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    if single:
-        _reset_accelerate()
-    try:
-        yield
-    finally:
-        if single:
-            _reset_accelerate()
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 def show_log_lines() -> None:
@@ -77,14 +48,6 @@ def show_log_lines() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def train(config: str | Path | dict | Config | None = None, /, **overrides) -> Run:
     """Fine-tune with ORPO as `config` says: a YAML file's path, a dict or a Config; None is the embedded demo
     (what `orpo train` runs without a file). Keyword arguments override keys, dotted ones included
@@ -97,6 +60,32 @@ def train(config: str | Path | dict | Config | None = None, /, **overrides) -> R
     with isolated():
         summary = train_loop(settings, finish=finish_run)  # finish: report.html, plots/, final/README.md
     return Run(settings.output_dir, summary)
+
+
+def sweep(config: str | Path | dict | Config | None = None, /, search: list[str] | dict | None = None, *, trials: int | None = None,
+          time: str | float | None = None, objective: str = "accuracy", validation_size: float = 0.1, out: str | Path = "sweep",
+          storage: str | None = None, study: str | None = None, prune: bool = True, prune_after: int = 2,
+          stale_after: str | float = "10m", **overrides):
+    """Choose settings on validation data (`orpo sweep`): an Optuna study over `search` ({key: [values] or
+    "log(lo,hi)" / "uniform(lo,hi)" / "int(lo,hi)"}, or the command line's key=spec items and YAML files), one run
+    folder per trial under `out`, scored by `objective` (accuracy, balanced_accuracy, loss, task_accuracy) on a
+    validation split of `validation_size` taken from the training rows. `trials`: finished trials the study should
+    hold (default: the grid's size when every key is a list); `time`: stop starting trials after this ('2h');
+    `storage`/`study`: a journal file or database URL several processes or machines share. Keyword arguments
+    override config keys (none of them may be searched). Returns search.sweep.SweepResult: the trials, the best
+    trial with its config file (best.yaml), the test split's measurement and the table."""
+    from .after.card import finish_run
+    from .search.space import parse_space
+    from .search.sweep import parse_duration, run_sweep
+
+    if search is None:
+        raise ConfigError("sweep: give the search space, e.g. search={'beta': [0.1, 0.5], 'learning_rate': 'log(1e-5,1e-3)'}")
+    settings = make_config(config, overrides)
+    space = parse_space(search)
+    show_log_lines()
+    return run_sweep(settings, space, out=out, trials=trials, timeout=parse_duration(time), objective=objective,
+                     validation_size=validation_size, storage=storage, study_name=study, fixed=overrides, prune=prune,
+                     prune_after=prune_after, stale_after=parse_duration(stale_after), finish=finish_run)
 
 
 def load_run(path: str | Path) -> Run:

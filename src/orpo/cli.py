@@ -1,4 +1,4 @@
-"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo config`, `orpo eval/merge/export/push/chat/report/
+"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo sweep`, `orpo config`, `orpo eval/merge/export/push/chat/report/
 compare/serve`, `orpo data inspect`. A thin layer over the Python API (api.py): parse the line, call the function,
 print what it returns, and turn its exceptions into exit codes (only here)."""
 
@@ -46,6 +46,20 @@ def cmd_train(args) -> int:
 
         print("\n" + table(["before", "after"], [summary.get("before", {}), summary["after"]]))
     print(f"\nrun folder: {config.output_dir}  (summary.json, metrics.jsonl, final/)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import api
+
+    path, items = _split_args(args.items)
+    overrides = parse_overrides(items)
+    config = load_config(path, items, preset=DEMO if path is None else None)
+    result = api.sweep(config, args.search, trials=args.trials, time=args.time, objective=args.objective,
+                       validation_size=args.validation_size, out=args.out, storage=args.storage, study=args.study,
+                       prune=not args.no_prune, prune_after=args.prune_after, stale_after=args.stale_after, **overrides)
+    print("\n" + result.table)
+    print("files: " + ", ".join(f"{k} {v}" for k, v in result.files.items()))
     return 0
 
 
@@ -194,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "fine-tune with ORPO (no config file: the embedded demo's preset)")
     p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] (see `orpo config`)")
     p.set_defaults(func=cmd_train)
+    p = command("sweep", "choose settings on validation data: an Optuna study, one run folder per trial, the best config")
+    p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] fixed settings (no file: the embedded demo's preset)")
+    p.add_argument("--search", nargs="+", required=True, metavar="SPEC",
+                   help="what to search: key=[a,b], key=log(lo,hi), key=uniform(lo,hi), key=int(lo,hi), or a YAML file of them")
+    p.add_argument("--trials", type=int, help="finished trials the study should hold (default: the grid's size when every key is a list)")
+    p.add_argument("--time", help="start no trial after this long, e.g. 2h (a running trial finishes)")
+    p.add_argument("--objective", default="accuracy", choices=["accuracy", "balanced_accuracy", "loss", "task_accuracy"],
+                   help="validation metric to choose on (default: preference accuracy)")
+    p.add_argument("--validation-size", type=float, default=0.1,
+                   help="share (< 1) or count of training rows scored on (default 0.1); 0: score on the held-out split, no test")
+    p.add_argument("--out", default="sweep", help="sweep folder: trials, table, best.yaml, compare.html (default sweep)")
+    p.add_argument("--storage", metavar="URL", help="shared study: a journal file on a shared disk, or postgresql:// / mysql:// (default OUT/study.journal)")
+    p.add_argument("--study", metavar="NAME", help="study name in the storage (default orpo-sweep)")
+    p.add_argument("--no-prune", action="store_true", help="train every trial to its end")
+    p.add_argument("--prune-after", type=int, default=2, help="finished trials before pruning starts (default 2)")
+    p.add_argument("--stale-after", default="10m", help="a trial on another host with no heartbeat this long is failed and rerun (default 10m)")
+    p.set_defaults(func=cmd_sweep)
+
     p = command("config", "list every config key with its default and description")
     p.set_defaults(func=cmd_config)
     p = command("eval", "held-out preference (and task) metrics of a run, merged or base model")

@@ -103,6 +103,7 @@ class DataConfig(_Section):
     eval_path: str | None = Field(None, description="Separate evaluation file or Hub dataset; when set, test_size is not used.")
     eval_split: str = Field("train", description="Split to read from eval_path.")
     test_size: float = Field(0.1, ge=0, description="Held-out share (< 1) or row count (>= 1) taken from the sampled rows.")
+    validation_size: float = Field(0, ge=0, description="Validation share (< 1) or row count (>= 1) taken from the training rows (after the test split); when > 0, evaluations use it and the test split (or eval_path) is left untouched: what orpo sweep scores trials on.")
     num_samples: int | None = Field(None, ge=1, description="Rows to sample after shuffling (null = all).")
     shuffle_seed: int = Field(42, description="Seed of the shuffle before sampling and splitting.")
     truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end", description="Which end of an over-long prompt to keep.")
@@ -217,8 +218,8 @@ class Config(_Section):
             raise ValueError("model.gguf_file cannot be combined with model.load_in_4bit")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (use num_train_epochs) or positive, got {self.max_steps}")
-        if self.data.eval_path is None and not self.data.builtin and self.data.path != MEMORY and self.data.test_size == 0 and (self.eval_on_start or self.eval_steps is not None):
-            raise ValueError("no evaluation data: set data.test_size > 0 or data.eval_path, or eval_steps=null and eval_on_start=false")
+        if self.data.eval_path is None and not self.data.builtin and self.data.path != MEMORY and self.data.test_size == 0 and not self.data.validation_size and (self.eval_on_start or self.eval_steps is not None):
+            raise ValueError("no evaluation data: set data.test_size > 0, data.validation_size > 0 or data.eval_path, or eval_steps=null and eval_on_start=false")
         return self
 
     def eval_interval(self, total_steps: int) -> int | None:

@@ -87,7 +87,7 @@ class ORPOTrainer:
     def __init__(self, model=None, args: ORPOConfig | None = None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, model_init=None, callbacks=None, optimizers=(None, None),
                  preprocess_logits_for_metrics=None, peft_config=None, compute_metrics=None, tokenizer=None):
-        from .api import _reset_accelerate, show_log_lines
+        from .api import reset_accelerate, show_log_lines
         from .training.loop import set_up
 
         show_log_lines()
@@ -101,7 +101,7 @@ class ORPOTrainer:
         config, given = self._settings(model, tokenizer, train_dataset, eval_dataset, peft_config)
         self.callbacks = [c() if isinstance(c, type) else c for c in callbacks or []]
         self._trained = False
-        _reset_accelerate()  # nothing of an earlier run in this process (a notebook rerun) changes this one
+        reset_accelerate()  # nothing of an earlier run in this process (a notebook rerun) changes this one
         self._run = set_up(config, given)
         self.config = self._run.config
         from transformers import TrainerControl, TrainerState

@@ -37,7 +37,15 @@ import torch
 from ..config import Config
 from ..files import cache_root
 from .formats import DataError, to_messages
-from .sources import DataReport, build_rows, memory_rows, quiet_datasets, read_rows, sample_and_split
+from .sources import (
+    DataReport,
+    build_rows,
+    hold_out,
+    memory_rows,
+    quiet_datasets,
+    read_rows,
+    sample_and_split,
+)
 from .templated import Untemplater
 
 __all__ = ["DataError", "DataReport", "read_rows", "sample_and_split", "to_messages"]  # re-exported for callers
@@ -322,6 +330,9 @@ def prepare(config: Config, tokenizer, rows: tuple[Any, Any] | None = None) -> P
     else:
         train_rows, eval_rows = build_rows(data, report, Untemplater(tokenizer))
         eval_raw = eval_rows
+    if data.validation_size:  # the test split (or eval_path) stays out: evaluations use validation rows
+        train_rows, eval_rows = hold_out(train_rows, data.validation_size, "data.validation_size", "validation")
+        eval_raw = eval_rows if not data.builtin else datasets.Dataset.from_list([train_raw[int(i.split(":")[1])] for i in eval_rows["id"]])
     spec = token_spec(tokenizer, config)
     where = cache_dir(config)
     train_tokens = tokenize_rows(train_rows, tokenizer, spec, data.num_proc, where, "train")

@@ -362,8 +362,13 @@ def sample_and_split(dataset, cfg: DataConfig):
         dataset = dataset.select(range(min(cfg.num_samples, len(dataset))))
     if cfg.eval_path is not None or cfg.test_size == 0:
         return dataset, None
-    test_size = cfg.test_size if cfg.test_size < 1 else int(cfg.test_size)
-    if isinstance(test_size, int) and test_size >= len(dataset) or round(test_size * len(dataset) if test_size < 1 else test_size) < 1:
-        raise DataError(f"data.test_size={cfg.test_size} leaves no train or no test rows out of {len(dataset)}")
-    parts = dataset.train_test_split(test_size=test_size, seed=cfg.shuffle_seed, shuffle=False)
+    return hold_out(dataset, cfg.test_size, "data.test_size", "test")
+
+
+def hold_out(dataset, size: float, key: str, what: str):
+    """(rest, held out): the last `size` rows (a share < 1, or a count >= 1) of an already shuffled dataset."""
+    count = size if size < 1 else int(size)
+    if isinstance(count, int) and count >= len(dataset) or round(count * len(dataset) if count < 1 else count) < 1:
+        raise DataError(f"{key}={size} leaves no train or no {what} rows out of {len(dataset)}")
+    parts = dataset.train_test_split(test_size=count, shuffle=False)
     return parts["train"], parts["test"]

@@ -17,6 +17,7 @@ configs/accelerate/*.yaml`, or `torchrun` for DDP); the loop asks this module th
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -175,3 +176,39 @@ def load_local_optimizer(optimizer, optim: dict) -> None:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def isolated():
+    """Run a job without leaving process-wide state behind: Accelerate's shared state is cleared before (a
+    failed or finished earlier run cannot change this one) and after, and the global random number generators
+    (Python, NumPy, torch) are as they were. In a distributed launch Accelerate's state belongs to the launch and
+    is left alone."""
+    import random
+
+    import numpy as np
+
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    if single:
+        reset_accelerate()
+    try:
+        yield
+    finally:
+        if single:
+            reset_accelerate()
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state (the accelerator, gradient and process singletons)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()

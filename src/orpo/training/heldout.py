@@ -19,7 +19,7 @@ from ..model.fast.attention import use_split
 from . import engine
 from .layout import Layout, make_layout, pair_length
 from .logps import causal_lm, forward_logps
-from .loss import Norm, add_stats, finish_metrics, orpo_loss
+from .loss import Norm, add_stats, finish_metrics, orpo_loss, response_means
 
 log = logging.getLogger(__name__)
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one process)
@@ -27,6 +27,9 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes 
 # Held-out metrics as tables show them (CLI, report, model card): (label, metric key, shown as a percentage).
 HELD_OUT_ROWS = [
     ("preference accuracy", "rewards/accuracies", True),
+    ("length-balanced accuracy", "length_balanced_accuracy", True),
+    ("  chosen longer", "accuracy_chosen_longer", True),
+    ("  chosen shorter", "accuracy_chosen_shorter", True),
     ("task accuracy", "task_accuracy", True),
     ("margin (reward)", "rewards/margins", False),
     ("log-odds chosen", "log_odds_chosen", False),
@@ -54,8 +57,43 @@ def standard_error(share: float, n: int) -> float:
 
 
 def metric_cell(result: dict, key: str, pct: bool) -> str:
-    """A table cell: the metric with its standard error (`KEY_se`) when the result has one."""
-    return format_metric(result.get(key), pct, result.get(f"{key}_se"))
+    """A table cell: the metric with its standard error (`KEY_se`) when the result has one, and the pairs it was
+    measured on (`KEY_n`) when they are a part of the set."""
+    cell = format_metric(result.get(key), pct, result.get(f"{key}_se"))
+    n = result.get(f"{key}_n")
+    return cell + (f" (n={n})" if isinstance(n, int) else "")
+
+
+def length_stats(logps: torch.Tensor, response: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums for the length-balanced accuracy of one batch laid out as [chosen; rejected]: the pairs whose chosen
+    response is longer (in tokens) than the rejected one, the pairs where it is shorter, and in each group how
+    many rank chosen above rejected by the accuracy's own test (higher mean log-prob per token)."""
+    mean, length = response_means(logps, response)  # (2B,), (2B,)
+    half = mean.shape[0] // 2
+    right = mean[:half] > mean[half:]  # (B,)
+    longer, shorter = length[:half] > length[half:], length[:half] < length[half:]  # (B,), (B,)
+    return {"length/longer": longer.sum().float(), "length/longer_right": (right & longer).sum().float(),
+            "length/shorter": shorter.sum().float(), "length/shorter_right": (right & shorter).sum().float()}
+
+
+def length_balanced(sums: dict[str, float], pairs: int) -> dict:
+    """Accuracy on the pairs whose chosen response is the longer and on those where it is the shorter, each with
+    its count and standard error, and their mean: the length-balanced accuracy, which a model that only learned
+    "shorter (or longer) is likelier" scores 50% on. None where a group is empty (the mean is then undefined).
+    The standard error of the mean is half the two combined (independent groups)."""
+    out: dict = {}
+    for side in ("longer", "shorter"):
+        n = int(sums[f"length/{side}"])
+        share = sums[f"length/{side}_right"] / n if n else None
+        out[f"accuracy_chosen_{side}"] = share
+        out[f"accuracy_chosen_{side}_se"] = standard_error(share, n) if n else None
+        out[f"accuracy_chosen_{side}_n"] = n
+    a, b = out["accuracy_chosen_longer"], out["accuracy_chosen_shorter"]
+    both = a is not None and b is not None
+    out["length_balanced_accuracy"] = (a + b) / 2 if both else None
+    out["length_balanced_accuracy_se"] = math.hypot(out["accuracy_chosen_longer_se"], out["accuracy_chosen_shorter_se"]) / 2 if both else None
+    out["pairs_same_length"] = pairs - out["accuracy_chosen_longer_n"] - out["accuracy_chosen_shorter_n"]
+    return out
 
 
 def change_cell(before: dict, after: dict, key: str, pct: bool) -> str:
@@ -119,6 +157,7 @@ def preference_metrics(
                 with autocast() if autocast else torch.autocast("cpu", enabled=False):
                     logps = forward_logps(model, batch, chunk)
                 _, stats = orpo_loss(logps, batch.response, batch.nll, beta, Norm(1.0, 1.0))
+                stats |= length_stats(logps, batch.response)
                 total = add_stats(total, stats if group else {k: v * 0 for k, v in stats.items()})
             bar.update(len(group or []))
     model.train(was_training)
@@ -126,6 +165,7 @@ def preference_metrics(
     metrics = finish_metrics(total, beta)
     metrics["pairs"] = int(total["pairs"])
     metrics["rewards/accuracies_se"] = standard_error(metrics["rewards/accuracies"], metrics["pairs"])
+    metrics |= length_balanced({k: float(v) for k, v in total.items() if k.startswith("length/")}, metrics["pairs"])
     return metrics
 
 

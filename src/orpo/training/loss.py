@@ -75,6 +75,14 @@ def loss_masks(batch: dict[str, torch.Tensor], nll_on_prompt: bool) -> tuple[tor
     return response, nll
 
 
+def response_means(logps: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean log-prob per response token l(y), response length in tokens), both (2B,), from per-token log-probs
+    (2B, T-1) and the response mask. Empty responses are dropped upstream; one here would score 0."""
+    resp = response_mask.float()  # (2B, T-1)
+    n_resp = resp.sum(-1)  # (2B,)
+    return (logps.float() * resp).sum(-1) / n_resp.clamp(min=1), n_resp
+
+
 def orpo_loss(
     logps: torch.Tensor,
     response_mask: torch.Tensor,
@@ -90,9 +98,7 @@ def orpo_loss(
     """
     logps = logps.float()
     half = logps.shape[0] // 2
-    resp = response_mask.float()  # (2B, T-1)
-    n_resp = resp.sum(-1)  # (2B,)
-    mean_logp = (logps * resp).sum(-1) / n_resp.clamp(min=1)  # (2B,) l(y); empty responses are dropped upstream
+    mean_logp, _ = response_means(logps, response_mask)  # (2B,) l(y)
     chosen, rejected = mean_logp[:half], mean_logp[half:]  # (B,), (B,)
     z = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))  # (B,)
     log_sig = F.logsigmoid(z)  # (B,)
