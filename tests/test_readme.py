@@ -21,7 +21,8 @@ from orpo.config import DEMO, load_config
 from test_gpu_check import load_check
 
 ROOT = Path(__file__).resolve().parents[1]
-PLACEHOLDERS = {"my.yaml", "my-config.yaml", "CONFIG", "CONFIG.yaml"}  # stand for the reader's own file
+PLACEHOLDERS = {"my.yaml", "my-config.yaml", "CONFIG", "CONFIG.yaml", "sweeps/mine/best.yaml"}  # stand for the reader's own file
+SPACE_FILES = {"space.yaml"}  # the reader's search space file
 VALUES = {"R": "0", "HOST": "10.0.0.1", "$SLURM_NNODES": "2", "$head:29500": "10.0.0.1:29500", "$SLURM_JOB_ID": "7"}
 
 
@@ -52,7 +53,13 @@ def words(line: str) -> list[str]:
 
 def check_orpo(argv: list[str]) -> None:
     args = parse(argv)
-    if args.command in ("train", "data"):
+    if args.command == "sweep":
+        from orpo.search.space import parse_space
+
+        specs = [spec for spec in args.search if spec not in SPACE_FILES]
+        if specs:
+            parse_space(specs)
+    if args.command in ("train", "data", "sweep"):
         path, overrides = _split_args(args.items)
         if path in PLACEHOLDERS:
             path = None

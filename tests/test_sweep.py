@@ -132,6 +132,8 @@ def test_a_bad_space_is_one_line(search, fixed, message):
     (["--search", "beta=[0.1,0.5]", "--objective", "task_accuracy"], "objective task_accuracy needs a set whose answers can be checked"),
     (["--search", "beta=[0.1,0.5]", "--validation-size", "0", "data.test_size=0"], "no evaluation data"),
     (["--search", "lora.dropout=uniform(0,0.1)"], "give --trials N"),
+    (["--search", "beta=[0.1,0.5]", "--trials", "0"], "--trials must be at least 1"),
+    (["--search", "beta=[0.1,0.5]", "--time", "soon"], "time 'soon': give a duration"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2(chat_model_dir, pairs_file, tmp_path, capsys, extra, message):
     fixed = sweep_items(chat_model_dir, pairs_file)
@@ -139,6 +141,27 @@ def test_bad_sweep_input_is_one_line_and_exit_2(chat_model_dir, pairs_file, tmp_
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not list((tmp_path / "sweep").glob("trial-*"))
+
+
+def test_a_study_started_by_another_sweep_is_refused(chat_model_dir, pairs_file, tmp_path, capsys, monkeypatch):
+    """The folder's study was started with another space: joining it is one line naming what differs, and nothing
+    trains. Under a distributed launch the sweep says to start one process per GPU instead."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    other = optuna.create_study(study_name="orpo-sweep", storage=storage, direction="maximize")
+    other.set_user_attr("orpo_sweep", {"space": {"beta": "[0.3]"}, "objective": "accuracy", "trials": 1, "config": {}})
+    fixed = sweep_items(chat_model_dir, pairs_file)
+    assert main(["sweep", *fixed, "--search", "beta=[0.1,0.5]", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "study 'orpo-sweep' in " in err and "was started by another sweep (its config, space, trials differ)" in err
+    assert len(err.splitlines()) == 1 and not list(out.glob("trial-*"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sweep", *fixed, "--search", "beta=[0.1,0.5]", "--out", str(tmp_path / "other")]) == 2
+    assert "start one sweep per GPU (CUDA_VISIBLE_DEVICES=i)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- sweeps
@@ -192,6 +215,7 @@ def test_a_learning_rate_that_cannot_learn_is_pruned_at_its_first_evaluation(cha
     first, second = trials_json(out)["trials"]
     assert first["settings"]["learning_rate"] == 1e-2 and first["state"] == "complete"
     assert second["state"] == "pruned" and second["steps"] == 2
+    assert isinstance(second["accuracy"], float)  # the table shows the pruned trial's last evaluation
     assert second["note"].startswith("pruned at step 2 (evaluation 1): eval loss ") and "above the median" in second["note"]
     assert "of 1 finished trial(s) at their evaluation 1" in second["note"]
     assert not (Path(second["folder"]) / "final").exists()

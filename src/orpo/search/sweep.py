@@ -198,7 +198,7 @@ def make_objective(base: Config, space: dict[str, Dim], out: Path, objective: st
         log.info("trial %d: %s -> %s", trial.number, shown, folder)
         started, evals = time.perf_counter(), []
         with isolated(), studies.Heartbeat(trial):
-            run = set_up(config)
+            run = None
 
             def on_line(step: int, values: dict) -> None:  # every metrics.jsonl line: the evaluations for the pruner
                 value = values.get(f"eval_{key}")
@@ -210,11 +210,13 @@ def make_objective(base: Config, space: dict[str, Dim], out: Path, objective: st
                 if trial.should_prune():
                     note = prune_note(trial.study, trial.number, len(evals), step, value, objective)
                     trial.set_user_attr("note", note)
-                    trial.set_user_attr("result", trial_result({key: value}, objective, step, time.perf_counter() - started))
+                    metrics = {k[len("eval_"):]: v for k, v in values.items() if k.startswith("eval_")}
+                    trial.set_user_attr("result", trial_result(metrics, objective, step, time.perf_counter() - started))
                     raise optuna.TrialPruned(note)
 
-            run.metrics_log.listeners.append(on_line)
             try:
+                run = set_up(config)
+                run.metrics_log.listeners.append(on_line)
                 summary = fit(run, finish, started)
             except optuna.TrialPruned:
                 raise
@@ -224,7 +226,8 @@ def make_objective(base: Config, space: dict[str, Dim], out: Path, objective: st
                     trial.set_user_attr("result", trial_result({}, objective, run.state.step, time.perf_counter() - started))
                 raise
             finally:
-                run.metrics_log.close()
+                if run is not None:
+                    run.metrics_log.close()
         result = trial_result(summary["after"], objective, summary["steps"], time.perf_counter() - started)
         trial.set_user_attr("result", result)
         if not isinstance(result["value"], (int, float)) or not math.isfinite(result["value"]):
@@ -330,16 +333,19 @@ def trial_rows(study, space: dict[str, Dim], objective: str) -> list[dict]:
 
 
 def table_text(rows: list[dict], objective: str) -> str:
-    """The trials as a markdown table."""
+    """The trials as a markdown table: the objective ± SE, then the plain and length-balanced accuracy where the
+    objective is not one of them."""
     key, _, label = OBJECTIVES[objective]
     pct = objective != "loss"
-    lines = [f"| trial | state | settings | {label} ± SE | preference accuracy | length-balanced | steps | time | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    extra = [(name, k) for name, k in (("preference accuracy", "accuracy"), ("length-balanced", "balanced"))
+             if OBJECTIVES[objective][0] != {"accuracy": "rewards/accuracies", "balanced": "length_balanced_accuracy"}[k]]
+    lines = [f"| trial | state | settings | {label} ± SE | " + "".join(f"{name} | " for name, _ in extra) + "steps | time | note |",
+             "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|"]
     for r in rows:
         shown = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["settings"].items())
         wall = f"{r['wall_s'] / 60:.1f} min" if isinstance(r.get("wall_s"), (int, float)) else "-"
-        lines.append(f"| {r['trial']} | {r['state']} | {shown} | {format_metric(r.get('value'), pct, r.get('se'))} | "
-                     f"{format_metric(r.get('accuracy'), True, r.get('accuracy_se'))} | {format_metric(r.get('balanced'), True, r.get('balanced_se'))} | "
+        cells = "".join(f"{format_metric(r.get(k), True, r.get(f'{k}_se'))} | " for _, k in extra)
+        lines.append(f"| {r['trial']} | {r['state']} | {shown} | {format_metric(r.get('value'), pct, r.get('se'))} | {cells}"
                      f"{r.get('steps', '-')} | {wall} | {r['note']} |")
     return "\n".join(lines)
 
