@@ -150,6 +150,11 @@ def open_study(store, name: str, direction: str, sampler, pruner, definition: di
     return study
 
 
+def settings_text(settings: dict[str, Any]) -> str:
+    """'learning_rate=0.0015529 beta=0.5' (floats to 6 significant digits)."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+
+
 def settings_of(trial, space: dict[str, Dim]) -> dict[str, Any]:
     """A trial's searched values (a queued trial's from its fixed parameters)."""
     params = trial.params or trial.system_attrs.get("fixed_params", {})
@@ -194,8 +199,7 @@ def make_objective(base: Config, space: dict[str, Dim], out: Path, objective: st
         folder = out / f"trial-{trial.number:03d}"
         trial.set_user_attr("folder", str(folder))
         config = make_config(base, {**params, "output_dir": str(folder)})
-        shown = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-        log.info("trial %d: %s -> %s", trial.number, shown, folder)
+        log.info("trial %d: %s -> %s", trial.number, settings_text(params), folder)
         started, evals = time.perf_counter(), []
         with isolated(), studies.Heartbeat(trial):
             run = None
@@ -337,12 +341,12 @@ def table_text(rows: list[dict], objective: str) -> str:
     objective is not one of them."""
     key, _, label = OBJECTIVES[objective]
     pct = objective != "loss"
-    extra = [(name, k) for name, k in (("preference accuracy", "accuracy"), ("length-balanced", "balanced"))
-             if OBJECTIVES[objective][0] != {"accuracy": "rewards/accuracies", "balanced": "length_balanced_accuracy"}[k]]
+    extra = [(name, k) for name, k, metric in (("preference accuracy", "accuracy", "rewards/accuracies"),
+                                                ("length-balanced", "balanced", "length_balanced_accuracy")) if metric != key]
     lines = [f"| trial | state | settings | {label} ± SE | " + "".join(f"{name} | " for name, _ in extra) + "steps | time | note |",
              "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|"]
     for r in rows:
-        shown = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["settings"].items())
+        shown = settings_text(r["settings"])
         wall = f"{r['wall_s'] / 60:.1f} min" if isinstance(r.get("wall_s"), (int, float)) else "-"
         cells = "".join(f"{format_metric(r.get(k), True, r.get(f'{k}_se'))} | " for _, k in extra)
         lines.append(f"| {r['trial']} | {r['state']} | {shown} | {format_metric(r.get('value'), pct, r.get('se'))} | {cells}"
