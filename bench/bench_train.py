@@ -213,6 +213,25 @@ def parse_system(system: str) -> tuple[str, int | None]:
     return name, int(budget) if budget else None
 
 
+def orpo_settings(s: Scenario, system: str, source: str, steps: int, out: Path) -> list[str]:
+    """The config overrides an orpo system trains the scenario with (the worker's, and the plan's prediction)."""
+    name, budget = parse_system(system)
+    layout = "plain" if name == "orpo-plain" else "packed"
+    kernel = "flex_attention" if name == "orpo-flex" else "sdpa"
+    return [
+        f"model.name_or_path={source}", f"model.attn_implementation={kernel}", f"lora.enabled={str(s.lora).lower()}",
+        "lora.r=16", "lora.alpha=32", "lora.dropout=0.05", "lora.target_modules=all-linear",
+        "data.test_size=0", "eval_steps=null", "eval_on_start=false", f"layout={layout}",
+        f"model.load_in_4bit={str(s.qlora).lower()}", "model.bnb_4bit_compute_dtype=bfloat16",
+        f"bf16={str(s.bf16).lower()}", f"gradient_checkpointing={str(s.grad_ckpt).lower()}", f"optim={s.optim}",
+        f"max_tokens_per_batch={budget if budget else 'null'}",
+        f"max_length={s.max_length}", f"max_prompt_length={s.max_prompt_length}",
+        f"per_device_train_batch_size={s.batch}", f"gradient_accumulation_steps={s.ga}", f"max_steps={steps}",
+        "learning_rate=1e-5", "warmup_steps=0", "warmup_ratio=0", "lr_scheduler_type=linear", "max_grad_norm=1.0",
+        "logging_steps=1", "seed=0", f"output_dir={out / 'run'}",
+    ]
+
+
 def orpo_worker(s: Scenario, system: str, source: str, pairs: list[dict], steps: int, out: Path) -> list[float]:
     import datasets
     import torch
@@ -229,21 +248,7 @@ def orpo_worker(s: Scenario, system: str, source: str, pairs: list[dict], steps:
     dataset = datasets.Dataset.from_list(rows)
     # the scenario's pairs, whatever else the loop hands its data step (*rest: rows given through the API)
     loop.load_checked = lambda config, tokenizer, *rest: (dataset, None, None, DataReport())
-    name, budget = parse_system(system)
-    layout = "plain" if name == "orpo-plain" else "packed"
-    kernel = "flex_attention" if name == "orpo-flex" else "sdpa"
-    config = load_config(None, [
-        f"model.name_or_path={source}", f"model.attn_implementation={kernel}", f"lora.enabled={str(s.lora).lower()}",
-        "lora.r=16", "lora.alpha=32", "lora.dropout=0.05", "lora.target_modules=all-linear",
-        "data.test_size=0", "eval_steps=null", "eval_on_start=false", f"layout={layout}",
-        f"model.load_in_4bit={str(s.qlora).lower()}", "model.bnb_4bit_compute_dtype=bfloat16",
-        f"bf16={str(s.bf16).lower()}", f"gradient_checkpointing={str(s.grad_ckpt).lower()}", f"optim={s.optim}",
-        f"max_tokens_per_batch={budget if budget else 'null'}",
-        f"max_length={s.max_length}", f"max_prompt_length={s.max_prompt_length}",
-        f"per_device_train_batch_size={s.batch}", f"gradient_accumulation_steps={s.ga}", f"max_steps={steps}",
-        "learning_rate=1e-5", "warmup_steps=0", "warmup_ratio=0", "lr_scheduler_type=linear", "max_grad_norm=1.0",
-        "logging_steps=1", "seed=0", f"output_dir={out / 'run'}",
-    ])
+    config = load_config(None, orpo_settings(s, system, source, steps, out))
     loop.train(config)
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     return [line["seconds_per_step"] for line in lines if "seconds_per_step" in line]
@@ -419,7 +424,28 @@ def model_flops_per_step(s: Scenario, system: str, pairs: list[dict]) -> float:
     return 2 * total / len(pairs) * s.batch * s.ga
 
 
-def summarise(s: Scenario, system: str, rs: list[dict], timed_pairs: list[dict], warmup: int, steps: int) -> dict:
+def plan_figures(s: Scenario, system: str, source: str, pairs: list[dict], steps: int, gpu: str | None) -> dict:
+    """What `orpo plan`'s model predicts for this run (orpo.training.plan.predict): peak and, on a GPU, s/step; TRL's
+    systems get the plan's TRL side. A prediction that fails is recorded, not raised."""
+    try:
+        from orpo.config import load_config
+        from orpo.training.plan import predict
+
+        orpo_system = system if system.startswith("orpo") else "orpo-plain"
+        config = load_config(None, orpo_settings(s, orpo_system, source, steps, Path(tempfile.gettempdir()) / "plan"))
+        import torch
+
+        lengths = [None] * len(pairs)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
+        for j, index in enumerate(order):  # the order orpo_worker gives them, so the plan's sampler reads them in turn
+            lengths[index] = (len(pairs[j]["prompt_ids"]), len(pairs[j]["chosen_ids"]), len(pairs[j]["rejected_ids"]))
+        return predict(config, lengths, gpu)["trl" if system.startswith("trl") else "orpo"]
+    except Exception as exc:  # noqa: BLE001 - the measurement stands without the prediction
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def summarise(s: Scenario, system: str, rs: list[dict], timed_pairs: list[dict], warmup: int, steps: int,
+              source: str | None = None, pairs: list[dict] | None = None) -> dict:
     """One system's figures over its runs: medians of the timed steps, and on a GPU peak memory and MFU."""
     failed = [r["error"] for r in rs if "error" in r]
     rs = [r for r in rs if "error" not in r]
@@ -442,6 +468,8 @@ def summarise(s: Scenario, system: str, rs: list[dict], timed_pairs: list[dict],
                 "mfu": flops / med / (peak * 1e12) if peak else None}
         if not peak:
             out["mfu_note"] = f"unknown card {gpu!r}: MFU not computed (BENCH_PEAK_TFLOPS sets its peak)"
+    if source is not None and pairs is not None:  # orpo plan's prediction beside the measurement
+        out["plan"] = plan_figures(s, system, source, pairs, warmup + steps, out.get("gpu"))
     return out
 
 
@@ -455,16 +483,16 @@ def peak_tflops(gpu: str) -> float | None:
 
 def table(results: dict, order: list[str]) -> str:
     gpu = any("peak_gpu_gib" in r for per in results.values() for r in per.values())
-    extra = " peak GPU GiB (reserved) | GPU mem vs TRL | MFU |" if gpu else ""
+    extra = " peak GPU GiB (reserved) | GPU mem vs TRL | MFU | orpo plan: GiB (tensors), s/step |" if gpu else " orpo plan: RSS GiB |"
     head = ("| scenario | system | s/step (median) | pairs/s | tokens/s | peak RSS GiB | pairs/s vs TRL | RSS vs TRL |"
-            + extra + "\n|" + "---|" * (8 + (3 if gpu else 0)))
+            + extra + "\n|" + "---|" * (8 + (4 if gpu else 1)))
     lines = [head]
     for name in order:
         trl = results[name].get("trl")
         trl = trl if trl and "error" not in trl else None
         for system, r in results[name].items():
             if "error" in r:
-                lines.append(f"| {name} | {system} | {r['error']} |" + " |" * (6 + (3 if gpu else 0)))
+                lines.append(f"| {name} | {system} | {r['error']} |" + " |" * (6 + (4 if gpu else 1)))
                 continue
             speed = f"{trl['s_per_step'] / r['s_per_step']:.2f}x" if trl else "-"
             mem = f"{r['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x" if trl else "-"
@@ -476,6 +504,13 @@ def table(results: dict, order: list[str]) -> str:
                 row += f" {r['peak_gpu_gib']:.1f} ({r['reserved_gpu_gib']:.1f}) | {gmem} | {mfu} |"
             elif gpu:
                 row += " - | - | - |"
+            plan = r.get("plan") or {}
+            if "error" in plan or not plan:
+                row += f" {plan.get('error', '-')} |"
+            elif gpu:
+                row += f" {plan['tensors_gib']:.1f}, {plan.get('s_per_step', float('nan')):.2f} (estimate) |"
+            else:
+                row += f" {plan['peak_gib']:.2f} |"
             lines.append(row)
     return "\n".join(lines)
 
@@ -485,9 +520,10 @@ def write_results(a, inputs: dict, runs: dict, skipped: dict, host: dict) -> str
     finished runs); returns the table."""
     results: dict = {}
     for name, per_system in runs.items():
-        s, _, _, pairs = inputs[name]
+        s, source, _, pairs = inputs[name]
         timed_pairs = pairs[a.warmup * s.batch * s.ga :]
-        results[name] = {system: summarise(s, system, rs, timed_pairs, a.warmup, a.steps) for system, rs in per_system.items() if rs}
+        results[name] = {system: summarise(s, system, rs, timed_pairs, a.warmup, a.steps, source, pairs[: (a.warmup + a.steps) * s.batch * s.ga])
+                         for system, rs in per_system.items() if rs}
         results[name] |= {system: {"error": f"skipped: {why}"} for system, why in skipped.get(name, {}).items()}
     command = "python bench/bench_train.py " + " ".join(sys.argv[1:])
     record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": host,

@@ -56,11 +56,11 @@ def test_the_product_keeps_gate_and_up_only():
     up = torch.randn(64, 48, requires_grad=True)
     act = nn.SiLU()
     plain = saved_bytes(lambda: act(gate) * up)
-    fused = saved_bytes(lambda: GatedProduct.apply(gate, up, act))
+    fused = saved_bytes(lambda: GatedProduct.apply(gate, up, act, {}))
     assert plain == 3 * gate.numel() * 4 and fused == 2 * gate.numel() * 4
     grad = torch.randn(64, 48)
     want = torch.autograd.grad(act(gate) * up, [gate, up], grad)
-    got = torch.autograd.grad(GatedProduct.apply(gate, up, act), [gate, up], grad)
+    got = torch.autograd.grad(GatedProduct.apply(gate, up, act, {}), [gate, up], grad)
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 

@@ -58,6 +58,8 @@ def test_the_dry_run_runs_every_part(tmp_path):
     for name in ("bench-1b", "bench-8b"):
         results = parts[name]["details"]
         assert {"orpo-packed", "orpo-plain", "trl"} <= {s for s, r in results.items() if "s_per_step" in r}
+        # orpo plan's prediction recorded beside each measurement (on the CPU: peak RSS; on a GPU also s/step)
+        assert all(0 < r["plan"]["peak_gib"] < 3 * r["peak_rss_gib"] for s, r in results.items() if "s_per_step" in r)
         assert results["orpo-flex"]["error"].startswith("skipped: flex_attention trains on CUDA only")
     assert parts["bench-1b"]["details"]["trl-liger"]["error"].startswith("skipped")
     assert parts["recipe"]["details"]["merge_check"]["passed"]
@@ -69,6 +71,7 @@ def test_the_dry_run_runs_every_part(tmp_path):
     summary = done.stdout.split("== summary", 1)[1]
     assert all(f"{name:9s} PASS" in summary for name in parts)
     md = (out / "results.md").read_text()
+    assert "orpo plan:" in md
     assert "| bench-8b | PASS |" in md and "## GPU defaults that are guesses today" in md and "| dry_8b_qlora | trl |" in md
 
 

@@ -261,7 +261,11 @@ def train_and_merge(c: Check, part: Part, model: Path, data: Path, run_dir: Path
     steps = [x["seconds_per_step"] for x in lines if "seconds_per_step" in x]
     part.details |= {"seconds_per_step": steps, "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
                      "after": summary.get("after", {})}
+    planned = [x for x in log.read_text(errors="replace").splitlines() if "memory plan: " in x]  # orpo train's pre-check on CUDA
+    part.details["memory_plan"] = planned[-1].split("memory plan: ", 1)[1] if planned else None
     gpu = f", peak GPU {summary['peak_gpu_memory_gib']:.1f} GiB" if summary.get("peak_gpu_memory_gib") else ""
+    if part.details["memory_plan"]:
+        gpu += f" (orpo plan: {part.details['memory_plan'].split(' GiB per GPU')[0]} GiB with context and slack)"
     part.figure = (f"train {summary['steps']} steps in {part.details['train_seconds']:.0f} s "
                    f"({statistics.median(steps):.2f} s/step{gpu})")
     started = time.monotonic()

@@ -4,6 +4,7 @@
     run = orpo.train("my.yaml", learning_rate=1e-5)       # or orpo.train() for the embedded demo
     run.evaluate(); run.merge("merged"); run.export("model.gguf")
     orpo.sweep("my.yaml", search={"beta": [0.1, 0.5]})    # settings chosen on validation data (orpo sweep)
+    orpo.plan("my.yaml", gpus=["L4"])                     # will it fit? memory by part and time, before it runs
 
     from orpo import ORPOConfig, ORPOTrainer, setup_chat_format   # TRL's names, for code written against TRL
 
@@ -25,7 +26,7 @@ from typing import Any
 # public name -> the module (under orpo) that defines it
 _EXPORTS = {
     "train": "api", "load_run": "api", "Run": "api", "evaluate": "api", "merge": "api", "export": "api", "push": "api",
-    "chat": "api", "report": "api", "compare": "api", "inspect_data": "api", "sweep": "api", "CheckFailed": "api", "Merged": "api",
+    "chat": "api", "report": "api", "compare": "api", "inspect_data": "api", "sweep": "api", "plan": "api", "CheckFailed": "api", "Merged": "api",
     "ORPOConfig": "trainer", "ORPOTrainer": "trainer", "setup_chat_format": "trainer",
     "Config": "config", "make_config": "config", "ConfigError": "config", "DataError": "data.formats",
     "HubError": "hub_errors", "NonFiniteError": "training.checkpoint", "builtin_model_dir": "model.builtin",

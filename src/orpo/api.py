@@ -207,6 +207,21 @@ def compare(runs: list[str | Path], out: str | Path = "compare.html") -> Path:
     return compare_runs([str(r) for r in runs], str(out))[1]
 
 
+def plan(config: str | Path | dict | Config | None = None, /, *, gpus: list[str] | tuple[str, ...] | None = None,
+         num_gpus: int = 1, engine: str = "ddp", read_data: bool = True, **overrides):
+    """What `config` needs before it runs (`orpo plan`): peak memory per device by part, orpo's and TRL's, time
+    per step and per run on each of `gpus` (names from orpo.training.gpus.GPUS, or "cpu"; default all), a verdict
+    per GPU and the smallest changes that make the job fit. Loads no model: the model's config.json and, when
+    `read_data`, the training pairs' token lengths. Returns a training.plan.Plan (`.as_dict()`, `render(plan)`);
+    raises ConfigError for an invalid config and training.plan.PlanError for an unreadable model config or an
+    unknown GPU."""
+    from .training.plan import plan_job
+
+    show_log_lines()
+    return plan_job(make_config(config, overrides), gpus=list(gpus) if gpus else None, num_gpus=num_gpus, engine=engine,
+                    read_data=read_data)
+
+
 def inspect_data(config: str | Path | dict | Config | None = None, /, **overrides) -> dict:
     """The data doctor's report for a training config (`orpo data inspect --json`): rows read, kept and dropped,
     token lengths, findings (errors and warnings), rendered examples."""

@@ -1,4 +1,4 @@
-"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo sweep`, `orpo config`, `orpo eval/merge/export/push/chat/report/
+"""Command line: `orpo train [CONFIG.yaml] [key=value ...]`, `orpo sweep`, `orpo plan`, `orpo config`, `orpo eval/merge/export/push/chat/report/
 compare/serve`, `orpo data inspect`. A thin layer over the Python API (api.py): parse the line, call the function,
 print what it returns, and turn its exceptions into exit codes (only here)."""
 
@@ -60,6 +60,17 @@ def cmd_sweep(args) -> int:
                        prune=not args.no_prune, prune_after=args.prune_after, stale_after=args.stale_after, **overrides)
     print("\n" + result.table)
     print("files: " + ", ".join(f"{k} {v}" for k, v in result.files.items()))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import api
+    from .training.plan import render
+
+    path, items = _split_args(args.items)
+    config = load_config(path, items, preset=DEMO if path is None else None)
+    result = api.plan(config, gpus=args.gpu, num_gpus=args.gpus, engine=args.engine, read_data=not args.no_data)
+    print(json.dumps(result.as_dict(), indent=1) if args.json else render(result))
     return 0
 
 
@@ -226,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-after", default="10m", help="a trial on another host with no heartbeat this long is failed and rerun (default 10m)")
     p.set_defaults(func=cmd_sweep)
 
+    p = command("plan", "what a job needs before it runs: peak memory by part, time, the GPUs it fits, orpo vs TRL")
+    p.add_argument("items", nargs="*", help="[CONFIG.yaml] [key=value ...] (no file: the embedded demo's preset)")
+    p.add_argument("--gpu", nargs="+", metavar="NAME", help="GPUs to plan for: H100 H200 A100-80 A100-40 L4 T4 RTX4090, or cpu (default: every GPU)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="processes (one GPU each) the job runs on (default 1)")
+    p.add_argument("--engine", default="ddp", choices=["ddp", "fsdp2", "zero2", "zero3"], help="how several processes divide the model (default ddp)")
+    p.add_argument("--no-data", action="store_true", help="do not read the data: every pair at max_length (the worst case)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     p = command("config", "list every config key with its default and description")
     p.set_defaults(func=cmd_config)
     p = command("eval", "held-out preference (and task) metrics of a run, merged or base model")

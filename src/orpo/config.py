@@ -181,6 +181,7 @@ class Config(_Section):
     layout: Literal["packed", "plain"] = Field("packed", description="packed: each pair is one sequence prompt|chosen|rejected (the prompt computed once), several pairs per row without padding, log-probs from the hidden states in chunks (no full logits); plain: [chosen; rejected] as padded rows with full logits, the reference. Same loss and metrics either way.")
     max_tokens_per_batch: int | None = Field(None, ge=16, description="packed: token budget of one forward pass (rows x row length, padding included); the step's pairs are packed into as few passes as fit. null = max_length on a CPU, 2 x batch size x max_length on a GPU. A longer pair gets a pass of its own.")
     logps_chunk_size: int | None = Field(None, ge=1, description="packed: tokens per chunk through the output layer; the loss's memory is chunk x vocabulary. null = 2^24 / vocabulary size (64 MB of fp32 logits).")
+    check_memory: bool = Field(True, description="On a CUDA GPU, stop before the model loads when orpo plan's peak for the run exceeds the GPU's free memory (the line names the changes that fit); false = warn and start anyway.")
     max_new_tokens: int = Field(16, ge=1, description="Token budget of generations during task evaluation.")
     license: str | None = Field(None, description="License in the model card's metadata (e.g. apache-2.0, a Hub license id); null = the base model's when orpo knows it.")
 

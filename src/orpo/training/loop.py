@@ -212,6 +212,8 @@ def set_up(config: Config, given: Given | None = None) -> Run:
              read, dropped_words(report.dropped))
     if accelerator.is_main_process:  # the first write into output_dir: the config and data have passed every check
         prepare_output_dir(out, config.overwrite_output_dir, resuming=checkpoint is not None)
+    if accelerator.device.type == "cuda" and given.model is None:  # will it fit? said (or refused) before the model loads
+        log.info("%s", memory_check(config, train_ds, new_token_ids, accelerator))
     # Seeded again here so that LoRA's init and dropout depend on the seed only, not on how much randomness data
     # loading used (a cold tokenization cache must give the run a warm one gives).
     set_seed(config.seed)
@@ -240,6 +242,17 @@ def set_up(config: Config, given: Given | None = None) -> Run:
         accelerator.init_trackers("orpo", config=flat_params(json.loads(config.model_dump_json())))
     return Run(config, out, accelerator, procs, checkpoint, tokenizer, train_ds, eval_ds, eval_raw, report, model, optimizer,
                scheduler, sampler, per_epoch, total_steps, state, metrics_log, state.tokens)
+
+
+def memory_check(config: Config, train_ds, new_token_ids: list[int], accelerator) -> str:
+    """orpo plan's peak for this run beside the GPU's free memory (plan.fit_check: raises when it cannot fit)."""
+    from .plan import fit_check
+
+    free, _ = torch.cuda.mem_get_info(accelerator.device)
+    name = "fsdp2" if engine.sharded(accelerator) and not engine.deepspeed(accelerator) else (
+        "zero3" if engine.zero3(accelerator) else "zero2" if engine.deepspeed(accelerator) else "ddp")
+    return fit_check(config, train_ds, len(new_token_ids), torch.cuda.get_device_name(accelerator.device), free,
+                     accelerator.num_processes, name)
 
 
 def evaluate(run: Run, label: str, generate: bool = True) -> dict:

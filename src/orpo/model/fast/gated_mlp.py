@@ -28,27 +28,51 @@ class GatedProduct(torch.autograd.Function):
     """act(gate) * up, keeping gate and up (act recomputed in backward)."""
 
     @staticmethod
-    def forward(ctx, gate, up, act):
-        ctx.act = act
+    def forward(ctx, gate, up, act, box):
+        ctx.act, ctx.box = act, box
         ctx.save_for_backward(gate, up)
         return act(gate) * up
 
     @staticmethod
     def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
+        gate, up = saved(ctx)
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(gate.requires_grad)
             activated = ctx.act(leaf)
         grad_up = grad * activated.detach() if ctx.needs_input_grad[1] else None
         grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
-        return grad_gate, grad_up, None
+        return grad_gate, grad_up, None, None
+
+
+def saved_by(node, box: dict, held: tuple | None) -> tuple:
+    """The tensors `node` (the backward node of GatedProduct or the fused RMSNorm) saved, for a rebuild at backward
+    time; `held` when there is no node (no gradient). A rebuild reads them through the node rather than holding
+    them: under gradient checkpointing a node's saved tensors are placeholders recomputed in the backward, while a
+    tensor a closure held would stay alive through the whole forward, the memory checkpointing exists to free.
+    Checkpointing lets each be unpacked once: the first reader leaves them in `box` for the others and the node."""
+    if node is None:
+        return held
+    if "saved" not in box:
+        box["saved"] = tuple(node.saved_tensors)
+    return box["saved"]
+
+
+def saved(ctx) -> tuple:
+    """A fused node's saved tensors in its backward: those a rebuild already unpacked (saved_by), else its own."""
+    return ctx.box.pop("saved", None) or ctx.saved_tensors
 
 
 def _fused_forward(self, x):
-    gate, up, act = self.gate_proj(x), self.up_proj(x), self.act_fn
-    product = GatedProduct.apply(gate, up, act)
-    setattr(product, REBUILD, lambda: act(gate.detach()) * up.detach())  # gate and up are kept for backward anyway
+    gate, up, act, box = self.gate_proj(x), self.up_proj(x), self.act_fn, {}
+    product = GatedProduct.apply(gate, up, act, box)
+    node = product.grad_fn
+    held = None if node is not None else (gate, up)
+    setattr(product, REBUILD, lambda: _product(act, *saved_by(node, box, held)))  # gate and up are kept for backward anyway
     return self.down_proj(product)
+
+
+def _product(act, gate, up):
+    return act(gate.detach()) * up.detach()
 
 
 _FUSED: dict[type, type | None] = {}  # MLP class -> its fused subclass (None: not fusable)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gated_mlp import REBUILD, swap_forward
+from .gated_mlp import REBUILD, saved, saved_by, swap_forward
 
 
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +35,14 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, stash):
         normed, r = _normalise(x, eps)
-        stash["r"] = r  # for the output's REBUILD
+        stash["r"] = r  # for the output's REBUILD without gradients (taken out by the caller)
+        ctx.box = stash
         ctx.save_for_backward(x, weight, r)
         return weight * normed.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, r = ctx.saved_tensors
+        x, weight, r = saved(ctx)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
             product = grad * (x.to(torch.float32) * r).to(x.dtype)  # g * (x r), in the forward product's dtype
@@ -58,9 +59,17 @@ class _RMSNorm(torch.autograd.Function):
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     stash = {}
     out = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, stash)
-    x, weight = hidden_states.detach(), self.weight.detach()  # x and r are kept for the norm's backward anyway
-    setattr(out, REBUILD, lambda: weight * (x.to(torch.float32) * stash["r"]).to(x.dtype))  # the forward's operators
+    # x and r are kept for the norm's backward anyway: read from its node (gated_mlp.saved_by), not held here
+    node, r = out.grad_fn, stash.pop("r")
+    held = None if node is not None else (hidden_states, self.weight, r)
+    setattr(out, REBUILD, lambda: _rebuild(*saved_by(node, stash, held)))
     return out
+
+
+def _rebuild(x, weight, r):
+    """The norm's output from its saved input and 1/rms, with the forward's operators."""
+    x, weight = x.detach(), weight.detach()
+    return weight * (x.to(torch.float32) * r).to(x.dtype)
 
 
 def _llama_forward_code():

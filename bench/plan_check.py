@@ -1,0 +1,199 @@
+"""Does `orpo plan`'s memory model predict real peaks? Real `orpo train` runs on this CPU, each one's peak RSS
+against the plan's prediction for the same config (the CPU target: no CUDA context, the process's runtime instead).
+
+    .venv/bin/python bench/plan_check.py [--runs r1,r2] [--out bench/results/plan-cpu.md] [--runtime]
+
+The runs span LoRA and full fine-tuning, gradient checkpointing on and off, batch 1-8, max_length 256-1024, the
+packed and plain layouts, SmolLM2-135M-Instruct (the embedded model, vocabulary 49,152, tied output layer) and
+a random-weight Llama-shaped model with Llama 3's 128,256-token vocabulary (hidden 512, 8 layers, untied output
+layer: the logits dominate). Each trains 2 optimizer steps (the second holds the optimizer states) on generated
+pairs of varied length, longer than max_length for some, with evaluation and checkpoints off. Peak RSS is the
+process's own maximum resident set (getrusage of the child). --runtime measures what CPU_RUNTIME_GIB stands for:
+the RSS of `orpo train` stopped just before the model loads.
+
+RSS does not depend on other load, but the runs take ~20 minutes; writes OUT and OUT's .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path.home() / ".cache" / "orpo" / "plan-check"
+VOCAB_MODEL = WORK / "llama-vocab128k"
+WORDS = ("the of and to in is was for on that with as by at from his her an be this are or had not but what all "
+         "were when we there can more one your if which their will up other about out many then them these so some "
+         "would make like him into time has look two more write go see number no way could people my than first water "
+         "been call who oil its now find long down day did get come made may part").split()
+COMMON = {"max_steps": 2, "eval_steps": None, "eval_on_start": False, "save_steps": None, "data.test_size": 0,
+          "logging_steps": 1, "learning_rate": 1e-4, "report_to": [], "overwrite_output_dir": True, "seed": 0,
+          "data.format": "prompt_response", "data.cache": False}
+SMOL = {"model.name_or_path": "builtin"}
+BIG_VOCAB = {"model.name_or_path": str(VOCAB_MODEL)}
+# name: (model, settings)
+RUNS = {
+    "r1": (SMOL, {"lora.enabled": True, "gradient_checkpointing": False, "per_device_train_batch_size": 8, "max_length": 512, "max_prompt_length": 256, "layout": "packed", "optim": "adamw_torch"}),
+    "r2": (SMOL, {"lora.enabled": True, "gradient_checkpointing": True, "per_device_train_batch_size": 8, "max_length": 1024, "max_prompt_length": 512, "layout": "packed", "optim": "adamw_torch"}),
+    "r3": (SMOL, {"lora.enabled": True, "gradient_checkpointing": False, "per_device_train_batch_size": 2, "max_length": 1024, "max_prompt_length": 512, "layout": "plain", "optim": "adamw_torch"}),
+    "r4": (SMOL, {"lora.enabled": False, "gradient_checkpointing": False, "per_device_train_batch_size": 4, "max_length": 512, "max_prompt_length": 256, "layout": "packed", "optim": "adamw_torch_fused"}),
+    "r5": (SMOL, {"lora.enabled": False, "gradient_checkpointing": True, "per_device_train_batch_size": 8, "max_length": 1024, "max_prompt_length": 512, "layout": "packed", "optim": "adamw_torch"}),
+    "r6": (SMOL, {"lora.enabled": False, "gradient_checkpointing": False, "per_device_train_batch_size": 1, "max_length": 256, "max_prompt_length": 128, "layout": "plain", "optim": "adamw_torch"}),
+    "r7": (SMOL, {"lora.enabled": True, "gradient_checkpointing": True, "per_device_train_batch_size": 4, "max_length": 512, "max_prompt_length": 256, "layout": "plain", "optim": "adamw_torch_fused"}),
+    "r8": (BIG_VOCAB, {"lora.enabled": True, "gradient_checkpointing": False, "per_device_train_batch_size": 4, "max_length": 1024, "max_prompt_length": 512, "layout": "packed", "optim": "adamw_torch"}),
+    "r9": (BIG_VOCAB, {"lora.enabled": False, "gradient_checkpointing": True, "per_device_train_batch_size": 2, "max_length": 512, "max_prompt_length": 256, "layout": "plain", "optim": "adamw_torch"}),
+    "r10": (BIG_VOCAB, {"lora.enabled": True, "gradient_checkpointing": True, "per_device_train_batch_size": 8, "max_length": 256, "max_prompt_length": 128, "layout": "plain", "optim": "adamw_torch"}),
+}
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def write_pairs(path: Path, n: int = 64, seed: int = 0) -> Path:
+    """Prompt/chosen/rejected rows of varied length (roughly one token a word): prompts 30-700 words, responses
+    20-900, so that some pairs are cut at max_length and max_prompt_length and some are short."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            row = {"prompt": f"Question {i}: " + text(rng, rng.randint(30, 700)), "chosen": text(rng, rng.randint(20, 900)),
+                   "rejected": text(rng, rng.randint(20, 900))}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def vocab_model() -> Path:
+    """A random Llama with Llama 3's vocabulary (128,256), SmolLM2's tokenizer (its ids fit), saved once."""
+    if (VOCAB_MODEL / "config.json").is_file():
+        return VOCAB_MODEL
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from orpo.model.builtin import builtin_model_dir
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=128_256, tie_word_embeddings=False, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(VOCAB_MODEL)
+    AutoTokenizer.from_pretrained(builtin_model_dir()).save_pretrained(VOCAB_MODEL)
+    return VOCAB_MODEL
+
+
+def settings(name: str, data: Path) -> dict:
+    model, own = RUNS[name]
+    return {**COMMON, **model, **own, "data.path": str(data), "output_dir": str(WORK / "runs" / name)}
+
+
+def measure(config_file: Path) -> tuple[float, float]:
+    """(peak RSS in GiB, seconds) of `orpo train CONFIG` in a fresh process."""
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "orpo.cli", "train", str(config_file)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{config_file}: orpo train failed:\n{out.stderr[-3000:]}")
+    kib = int(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK")))
+    return kib / 2**20, time.monotonic() - started
+
+
+def predict(flat: dict) -> dict:
+    from orpo.config import make_config
+    from orpo.training.plan import plan_job
+
+    plan = plan_job(make_config(flat), gpus=["cpu"])
+    target = plan.target("CPU")
+    return {"predicted_gib": target.peak_gib, "parts_gib": target.as_dict()["parts_gib"], "lengths": plan.lengths_source}
+
+
+def describe(flat: dict) -> str:
+    model = "SmolLM2-135M" if flat["model.name_or_path"] == "builtin" else "Llama-shape 128k vocab"
+    return (f"{model}, {'LoRA' if flat['lora.enabled'] else 'full'}, GC {'on' if flat['gradient_checkpointing'] else 'off'}, "
+            f"batch {flat['per_device_train_batch_size']}, max_length {flat['max_length']}, {flat['layout']}, {flat['optim']}")
+
+
+def runtime_only(data: Path) -> float:
+    """RSS of `orpo train` stopped just before the model loads (the CPU runtime of the memory model)."""
+    code = ("import resource, sys\nfrom orpo.training import loop\n"
+            "def stop(*a, **k):\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(0)\n"
+            "loop.build_model = stop\nfrom orpo.cli import main\nsys.argv = ['orpo', 'train', sys.argv[1]]\nmain()\n")
+    config = WORK / "runtime.yaml"
+    config.write_text(yaml.safe_dump(unflatten(settings("r1", data))))
+    out = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True)
+    return int(next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("PEAK"))) / 2**20
+
+
+def unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return tree
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan-cpu.md"))
+    parser.add_argument("--runtime", action="store_true", help="measure the CPU runtime (RSS before the model loads) and stop")
+    parser.add_argument("--predict-only", action="store_true", help="keep OUT's measured peaks and predict them again (after a change to the model)")
+    args = parser.parse_args()
+    data = write_pairs(WORK / "pairs.jsonl")
+    if args.runtime:
+        print(f"RSS before the model loads: {runtime_only(data):.3f} GiB")
+        return
+    vocab_model()
+    rows = []
+    kept = {r["run"]: r for r in json.loads(Path(args.out).with_suffix(".json").read_text())} if args.predict_only else {}
+    for name in (list(kept) if args.predict_only else args.runs.split(",")):
+        flat = settings(name, data)
+        config = WORK / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(unflatten(flat)))
+        predicted = predict(flat)
+        if name in kept:
+            measured, seconds = kept[name]["measured_gib"], kept[name]["seconds"]
+        else:
+            measured, seconds = measure(config)
+        error = (predicted["predicted_gib"] - measured) / measured
+        row = {"run": name, "settings": describe(flat), "measured_gib": round(measured, 3),
+               "predicted_gib": round(predicted["predicted_gib"], 3), "error": round(error, 4), "seconds": round(seconds, 1),
+               "parts_gib": predicted["parts_gib"], "lengths": predicted["lengths"]}
+        rows.append(row)
+        print(f"{name}: {row['settings']}: measured {measured:.3f} GiB, predicted {predicted['predicted_gib']:.3f} GiB "
+              f"({100 * error:+.1f}%), {seconds:.0f} s", flush=True)
+    write(rows, Path(args.out))
+
+
+def write(rows: list[dict], out: Path) -> None:
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    lines = ["# orpo plan's memory model against measured peaks (CPU)", "",
+             "`.venv/bin/python bench/plan_check.py`: each run is `orpo train` for 2 steps in a fresh process; measured = "
+             "the process's peak RSS (getrusage), predicted = `orpo plan --gpu cpu` for the same config "
+             "(the plan's CPU runtime constant included).", "",
+             "| run | settings | measured GiB | predicted GiB | error | parts (GiB): weights / LoRA / grads / optimizer / activations / output layer / transient |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["parts_gib"]
+        parts = " / ".join(f"{p[k]:.2f}" for k in ("weights", "lora", "gradients", "optimizer", "activations", "output_layer", "transient"))
+        lines.append(f"| {r['run']} | {r['settings']} | {r['measured_gib']:.3f} | {r['predicted_gib']:.3f} | {100 * r['error']:+.1f}% | {parts} |")
+    lines += ["", f"Largest error: {100 * abs(worst['error']):.1f}% ({worst['run']}); runs: {len(rows)}.", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
