@@ -181,12 +181,12 @@ def write(rows: list[dict], out: Path) -> None:
     lines = ["# orpo plan's memory model against measured peaks (CPU)", "",
              "`.venv/bin/python bench/plan_check.py`: each run is `orpo train` for 2 steps in a fresh process; measured = "
              "the process's peak RSS (getrusage), predicted = `orpo plan --gpu cpu` for the same config "
-             "(the plan's CPU runtime constant included).", "",
-             "| run | settings | measured GiB | predicted GiB | error | parts (GiB): weights / LoRA / grads / optimizer / activations / output layer / transient |",
+             "(the plan's CPU runtime constant included; CPU heap kept: plan.CPU_HEAP_RETENTION, fitted on these runs).", "",
+             "| run | settings | measured GiB | predicted GiB | error | parts (GiB): weights / LoRA / grads / optimizer / activations / output layer / transient / CPU heap kept |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         p = r["parts_gib"]
-        parts = " / ".join(f"{p[k]:.2f}" for k in ("weights", "lora", "gradients", "optimizer", "activations", "output_layer", "transient"))
+        parts = " / ".join(f"{p[k]:.2f}" for k in ("weights", "lora", "gradients", "optimizer", "activations", "output_layer", "transient", "heap"))
         lines.append(f"| {r['run']} | {r['settings']} | {r['measured_gib']:.3f} | {r['predicted_gib']:.3f} | {100 * r['error']:+.1f}% | {parts} |")
     lines += ["", f"Largest error: {100 * abs(worst['error']):.1f}% ({worst['run']}); runs: {len(rows)}.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
