@@ -205,13 +205,16 @@ class Layout:
         return [packed_batch([[records[i] for i in row] for row in rows], self.pad_id, self.nll_on_prompt) for rows in plan]
 
 
-def make_layout(config: Config, pad_id: int, batch_size: int, device: torch.device, kernel: str | None) -> Layout:
-    """The run's layout for passes of `batch_size` pairs per micro-batch on `device` with attention `kernel`.
+def token_budget(config: Config, batch_size: int, device_type: str) -> int:
+    """Tokens of one packed pass: config.max_tokens_per_batch, else a default that keeps a pass small on a CPU,
+    where matmuls are already efficient at a few hundred tokens and activation memory grows with every token;
+    on a GPU it is a full plain micro-batch's tokens."""
+    if config.max_tokens_per_batch is not None:
+        return config.max_tokens_per_batch
+    return config.max_length if device_type == "cpu" else 2 * batch_size * config.max_length
 
-    The default budget keeps a pass small on a CPU, where matmuls are already efficient at a few hundred
-    tokens and activation memory grows with every token; on a GPU it is a full plain micro-batch's tokens.
-    """
-    budget = config.max_tokens_per_batch
-    if budget is None:
-        budget = config.max_length if device.type == "cpu" else 2 * batch_size * config.max_length
+
+def make_layout(config: Config, pad_id: int, batch_size: int, device: torch.device, kernel: str | None) -> Layout:
+    """The run's layout for passes of `batch_size` pairs per micro-batch on `device` with attention `kernel`."""
+    budget = token_budget(config, batch_size, device.type)
     return Layout(config.layout, pad_id, config.nll_on_prompt, budget, one_row=kernel in ONE_ROW_KERNELS)

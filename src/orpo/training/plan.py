@@ -19,7 +19,7 @@ from typing import Any
 from ..config import Config, ConfigError
 from ..data.pairs import PairSampler
 from .gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, EFFICIENCY, EFFICIENCY_SOURCE, GPUS, Gpu, find_gpu
-from .layout import ONE_ROW_KERNELS, pack
+from .layout import ONE_ROW_KERNELS, pack, token_budget
 from .logps import default_chunk
 from .memory import GIB, LINEARS, Arch, Parts, Pass, Setup, peak, trainable_tensors
 
@@ -156,10 +156,13 @@ def read_lengths(config: Config) -> tuple[Lengths, int]:
         return Lengths(pairs, f"{len(pairs):,} training pairs, tokenized"), len(new_ids)
     except Exception as exc:  # noqa: BLE001 - the plan goes on at the worst case, and says why
         reason = " ".join(str(exc).split())[:160]
-        n = config.data.num_samples or 1000
-        p = config.max_prompt_length
-        worst = (p, config.max_length - p, config.max_length - p)
-        return Lengths([worst] * n, f"every pair at max_length (data not read: {reason})"), 0
+        return worst_case(config, f"every pair at max_length (data not read: {reason})"), 0
+
+
+def worst_case(config: Config, source: str) -> Lengths:
+    """data.num_samples pairs (1,000 when unset), each at max_prompt_length and max_length."""
+    p = config.max_prompt_length
+    return Lengths([(p, config.max_length - p, config.max_length - p)] * (config.data.num_samples or 1000), source)
 
 
 def setup_for(config: Config, arch: Arch, device: str, gpu: Gpu | None, new_tokens: int) -> tuple[Setup, list[str]]:
@@ -193,7 +196,7 @@ def lay_out(config: Config, lengths: Lengths, device: str, kernel: str, world: i
     batch, accumulate = config.per_device_train_batch_size, config.gradient_accumulation_steps
     sampler = PairSampler(len(lengths.pairs), batch, config.seed, 0, world)
     groups = [[lengths.pairs[i] for i in g] for g in sampler.epoch(0)]
-    budget = config.max_tokens_per_batch or (config.max_length if device == "cpu" else 2 * batch * config.max_length)
+    budget = token_budget(config, batch, device)
     steps = []
     for s in range(0, len(groups), accumulate):
         micro = [g for g in groups[s : s + accumulate] if g]
@@ -235,6 +238,12 @@ def flops(arch: Arch, setup: Setup, steps: list[list[Pass]]) -> float:
             forward = 2 * active * tokens + 4 * q * arch.layers * context + 2 * arch.hidden * arch.vocab * p.scored
             total += forward * ((2 if setup.lora else 3) + (1 if setup.gradient_checkpointing else 0))
     return total / max(len(steps), 1)
+
+
+def step_seconds(work: float, gpu: Gpu, setup: Setup) -> tuple[float, float]:
+    """(seconds, efficiency) of a step of `work` FLOPs on `gpu` at the estimated share of its peak."""
+    efficiency = EFFICIENCY["4-bit" if setup.load_in_4bit else "16-bit"]
+    return round(work / (gpu.tflops * 1e12 * efficiency), 3), efficiency
 
 
 def shards(engine: str, world: int) -> dict[str, int]:
@@ -280,7 +289,7 @@ def candidate_changes(config: Config) -> list[tuple[str, dict, int]]:
         out.append((f"per_device_train_batch_size={b} gradient_accumulation_steps={g} (same pairs per step)",
                     {"per_device_train_batch_size": b, "gradient_accumulation_steps": g}, 0))
     if config.layout == "packed":
-        budget = config.max_tokens_per_batch or 2 * config.per_device_train_batch_size * config.max_length
+        budget = token_budget(config, config.per_device_train_batch_size, "cuda")
         while budget > config.max_length:
             budget //= 2
             out.append((f"max_tokens_per_batch={budget}", {"max_tokens_per_batch": budget}, 0))
@@ -364,11 +373,10 @@ def plan_job(config: Config, gpus: list[str] | None = None, num_gpus: int = 1, e
     if read_data:
         lengths, new_tokens = read_lengths(config)
     else:
-        p = config.max_prompt_length
-        lengths, new_tokens = Lengths([(p, config.max_length - p, config.max_length - p)] * (config.data.num_samples or 1000), "every pair at max_length"), 0
+        lengths, new_tokens = worst_case(config, "every pair at max_length"), 0
     if not lengths.pairs:
         raise PlanError("no training pairs: nothing to plan")
-    targets, first = [], None
+    targets, first, work = [], None, None
     for label, device, gpu in devices:
         mine, theirs, notes, steps, setup = size(config, arch, lengths, new_tokens, device, gpu, num_gpus, engine)
         first = first or (steps, setup)
@@ -376,9 +384,8 @@ def plan_job(config: Config, gpus: list[str] | None = None, num_gpus: int = 1, e
         target = Target(label, gpu.memory_gib if gpu else None, mine, theirs, total, trl_total,
                         None if gpu is None else total <= gpu.memory_gib, notes=notes)
         if gpu is not None:
-            work = flops(arch, setup, steps)
-            target.efficiency = EFFICIENCY["4-bit" if setup.load_in_4bit else "16-bit"]
-            target.step_seconds = round(work / (gpu.tflops * 1e12 * target.efficiency), 3)
+            work = flops(arch, setup, steps) if work is None else work  # the same passes on every GPU
+            target.step_seconds, target.efficiency = step_seconds(work, gpu, setup)
             target.run_hours = round(target.step_seconds * total_steps(config, len(lengths.pairs), num_gpus) / 3600, 2)
             if not target.fits:
                 target.changes = changes_that_fit(config, arch, lengths, new_tokens, gpu, num_gpus, engine)
@@ -456,15 +463,13 @@ def fit_check(config: Config, train_ds, new_tokens: int, device_name: str, free_
     """Before the model loads on a CUDA GPU: the plan's peak for this run beside the device's free memory, as
     one line; ConfigError with that line and the changes that would fit when it does not fit (config.check_memory
     false: the line is returned with a warning instead)."""
-    from dataclasses import replace as copy
-
     from .gpus import match_device
 
     arch = read_arch(config)
     pairs = pair_lengths(train_ds)
     lengths = Lengths(pairs, f"{len(pairs):,} training pairs")
     known = match_device(device_name)
-    gpu = copy(known or Gpu(device_name, 0.0, 0.0, 0.0, True, "this device"), name=device_name, memory_gib=free_bytes / GIB)
+    gpu = replace(known or Gpu(device_name, 0.0, 0.0, 0.0, True, "this device"), name=device_name, memory_gib=free_bytes / GIB)
     mine = size(config, arch, lengths, new_tokens, "cuda", gpu, world, engine)[0]
     need = total_gib(mine, "cuda")
     line = f"memory plan: peak {need:.1f} GiB per GPU (orpo plan), {gpu.memory_gib:.1f} GiB free on {device_name}"
@@ -494,8 +499,7 @@ def predict(config: Config, pairs: list[tuple[int, int, int]], device_name: str 
         figures = {"peak_gib": round(total_gib(parts, device), 3), "tensors_gib": round((parts.total - parts.runtime) / GIB, 3)}
         if gpu is not None:
             work = flops(arch, code, steps if name == "orpo" else lay_out(config, Lengths(pairs, ""), device, code.kernel, 1, trl=True))
-            efficiency = EFFICIENCY["4-bit" if setup.load_in_4bit else "16-bit"]
-            figures |= {"s_per_step": round(work / (gpu.tflops * 1e12 * efficiency), 3), "efficiency": efficiency,
-                        "gpu": gpu.name}
+            seconds, efficiency = step_seconds(work, gpu, setup)
+            figures |= {"s_per_step": seconds, "efficiency": efficiency, "gpu": gpu.name}
         out[name] = figures
     return out
