@@ -1,7 +1,7 @@
 """Does `orpo plan`'s memory model predict real peaks? Real `orpo train` runs on this CPU, each one's peak RSS
 against the plan's prediction for the same config (the CPU target: no CUDA context, the process's runtime instead).
 
-    .venv/bin/python bench/plan_check.py [--runs r1,r2] [--out bench/results/plan-cpu.md] [--runtime]
+    .venv/bin/python bench/plan_check.py [--runs r1,r2] [--out bench/results/plan-cpu.md] [--runtime] [--split]
 
 The runs span LoRA and full fine-tuning, gradient checkpointing on and off, batch 1-8, max_length 256-1024, the
 packed and plain layouts, SmolLM2-135M-Instruct (the embedded model, vocabulary 49,152, tied output layer) and
@@ -9,7 +9,9 @@ a random-weight Llama-shaped model with Llama 3's 128,256-token vocabulary (hidd
 layer: the logits dominate). Each trains 2 optimizer steps (the second holds the optimizer states) on generated
 pairs of varied length, longer than max_length for some, with evaluation and checkpoints off. Peak RSS is the
 process's own maximum resident set (getrusage of the child). --runtime measures what CPU_RUNTIME_GIB stands for:
-the RSS of `orpo train` stopped just before the model loads.
+the RSS of `orpo train` stopped just before the model loads. --split runs each config under bench/rss_split.py
+instead and writes where the peak RSS is (glibc's heap, its free part, mapped tensors, the rest) beside the plan's
+parts: bench/results/plan-cpu-split.md.
 
 RSS does not depend on other load, but the runs take ~20 minutes; writes OUT and OUT's .json.
 """
@@ -50,7 +52,12 @@ RUNS = {
     "r8": (BIG_VOCAB, {"lora.enabled": True, "gradient_checkpointing": False, "per_device_train_batch_size": 4, "max_length": 1024, "max_prompt_length": 512, "layout": "packed", "optim": "adamw_torch"}),
     "r9": (BIG_VOCAB, {"lora.enabled": False, "gradient_checkpointing": True, "per_device_train_batch_size": 2, "max_length": 512, "max_prompt_length": 256, "layout": "plain", "optim": "adamw_torch"}),
     "r10": (BIG_VOCAB, {"lora.enabled": True, "gradient_checkpointing": True, "per_device_train_batch_size": 8, "max_length": 256, "max_prompt_length": 128, "layout": "plain", "optim": "adamw_torch"}),
+    # held out: not used to fit the CPU heap shares
+    "r11": (SMOL, {"lora.enabled": True, "gradient_checkpointing": False, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_length": 512, "max_prompt_length": 256, "layout": "plain", "optim": "adamw_torch"}),
+    "r12": (SMOL, {"lora.enabled": False, "gradient_checkpointing": True, "per_device_train_batch_size": 4, "max_length": 512, "max_prompt_length": 256, "layout": "packed", "optim": "adamw_torch"}),
+    "r13": (BIG_VOCAB, {"lora.enabled": True, "gradient_checkpointing": False, "per_device_train_batch_size": 2, "max_length": 512, "max_prompt_length": 256, "layout": "packed", "optim": "adamw_torch"}),
 }
+HELD_OUT = ("r11", "r12", "r13")
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -106,19 +113,60 @@ def measure(config_file: Path) -> tuple[float, float]:
     return kib / 2**20, time.monotonic() - started
 
 
+def measure_split(config_file: Path) -> dict:
+    """Peak RSS of `orpo train CONFIG` split by glibc's accounting (bench/rss_split.py), GiB."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rss_split.py"), "train", str(config_file)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{config_file}: orpo train failed:\n{out.stderr[-3000:]}")
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RSS-SPLIT")).split(" ", 1)[1])
+
+
+def split_table(rows: list[dict], out: Path) -> None:
+    """Where each run's peak RSS is, against the plan's parts (what the tensors need, and the heap term)."""
+    lines = ["# Where the CPU runs' peak RSS is (glibc's accounting at the peak)", "",
+             "`.venv/bin/python bench/plan_check.py --split`: each run of plan-cpu.md under bench/rss_split.py. GiB. "
+             "heap = the main heap's extent (tensors under malloc's mmap threshold, in use or freed and kept), "
+             "free = its free part, mapped = tensors in their own mappings (given back when freed), other = Python, "
+             "libraries and the weights read from their files; live max = the largest in-use total seen. "
+             "plan live = the plan's tensors (weights excluded, no heap term); plan heap = its heap term; "
+             "acts = one pass's layer activations (the largest pass), which the heap term is a share of.", "",
+             "| run | settings | peak RSS | heap | free | mapped | other | live max | plan live | free / acts | plan heap |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, p = r["split"], r["parts_gib"]
+        live = sum(p[k] for k in ("lora", "gradients", "optimizer", "activations", "output_layer", "transient"))
+        acts = r["acts_gib"]
+        lines.append(f"| {r['run']} | {r['settings']} | {m['rss']:.3f} | {m['heap']:.3f} | {m['heap_free']:.3f} | "
+                     f"{m['mmapped']:.3f} | {m['other']:.3f} | {m['live_max']:.3f} | {live:.3f} | "
+                     f"{m['heap_free'] / acts:.2f} | {p['heap']:.3f} |")
+    lines.append("")
+    out.write_text("\n".join(lines))
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def predict(flat: dict) -> dict:
     from orpo.config import make_config
-    from orpo.training.plan import plan_job
+    from orpo.training.memory import GIB, layer_bytes
+    from orpo.training.plan import heap_share, lay_out, plan_job, read_arch, read_lengths, setup_for
 
-    plan = plan_job(make_config(flat), gpus=["cpu"])
+    config = make_config(flat)
+    plan = plan_job(config, gpus=["cpu"])
     target = plan.target("CPU")
-    return {"predicted_gib": target.peak_gib, "parts_gib": target.as_dict()["parts_gib"], "lengths": plan.lengths_source}
+    arch, (lengths, new_tokens) = read_arch(config), read_lengths(config)
+    setup, _ = setup_for(config, arch, "cpu", None, new_tokens)
+    steps = lay_out(config, lengths, "cpu", setup.kernel, 1)
+    acts = max(arch.layers * layer_bytes(arch, setup, p) for passes in steps for p in passes) / GIB
+    return {"predicted_gib": target.peak_gib, "parts_gib": target.as_dict()["parts_gib"], "lengths": plan.lengths_source,
+            "acts_gib": round(acts, 3), "heap_share": heap_share("cpu", setup, steps)}
 
 
 def describe(flat: dict) -> str:
+    accumulation = f" x{flat['gradient_accumulation_steps']} accumulated" if flat.get("gradient_accumulation_steps", 1) > 1 else ""
     model = "SmolLM2-135M" if flat["model.name_or_path"] == "builtin" else "Llama-shape 128k vocab"
     return (f"{model}, {'LoRA' if flat['lora.enabled'] else 'full'}, GC {'on' if flat['gradient_checkpointing'] else 'off'}, "
-            f"batch {flat['per_device_train_batch_size']}, max_length {flat['max_length']}, {flat['layout']}, {flat['optim']}")
+            f"batch {flat['per_device_train_batch_size']}{accumulation}, max_length {flat['max_length']}, {flat['layout']}, {flat['optim']}")
 
 
 def runtime_only(data: Path) -> float:
@@ -148,16 +196,37 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan-cpu.md"))
     parser.add_argument("--runtime", action="store_true", help="measure the CPU runtime (RSS before the model loads) and stop")
-    parser.add_argument("--predict-only", action="store_true", help="keep OUT's measured peaks and predict them again (after a change to the model)")
+    parser.add_argument("--split", action="store_true", help="measure where each run's peak RSS is (bench/rss_split.py) and write plan-cpu-split.md")
+    parser.add_argument("--predict-only", action="store_true", help="keep OUT's measured peaks and predict them again (after a change to the model); runs OUT lacks are measured")
     args = parser.parse_args()
     data = write_pairs(WORK / "pairs.jsonl")
     if args.runtime:
         print(f"RSS before the model loads: {runtime_only(data):.3f} GiB")
         return
     vocab_model()
+    if args.split:
+        out = Path(args.out).with_name("plan-cpu-split.md")
+        if args.predict_only:  # the stored measurements, predicted again
+            rows = json.loads(out.with_suffix(".json").read_text())
+            for row in rows:
+                predicted = predict(settings(row["run"], data))
+                row["parts_gib"], row["acts_gib"] = predicted["parts_gib"], predicted["acts_gib"]
+            split_table(rows, out)
+            return
+        rows = []
+        for name in args.runs.split(","):
+            flat = settings(name, data)
+            config = WORK / f"{name}.yaml"
+            config.write_text(yaml.safe_dump(unflatten(flat)))
+            predicted = predict(flat)
+            rows.append({"run": name, "settings": describe(flat), "split": measure_split(config), "parts_gib": predicted["parts_gib"],
+                         "acts_gib": predicted["acts_gib"]})
+            print(f"{name}: {rows[-1]['split']}", flush=True)
+        split_table(rows, out)
+        return
     rows = []
     kept = {r["run"]: r for r in json.loads(Path(args.out).with_suffix(".json").read_text())} if args.predict_only else {}
-    for name in (list(kept) if args.predict_only else args.runs.split(",")):
+    for name in args.runs.split(","):
         flat = settings(name, data)
         config = WORK / f"{name}.yaml"
         config.write_text(yaml.safe_dump(unflatten(flat)))
@@ -177,18 +246,25 @@ def main() -> None:
 
 
 def write(rows: list[dict], out: Path) -> None:
-    worst = max(rows, key=lambda r: abs(r["error"]))
     lines = ["# orpo plan's memory model against measured peaks (CPU)", "",
              "`.venv/bin/python bench/plan_check.py`: each run is `orpo train` for 2 steps in a fresh process; measured = "
              "the process's peak RSS (getrusage), predicted = `orpo plan --gpu cpu` for the same config "
-             "(the plan's CPU runtime constant included; CPU heap kept: plan.CPU_HEAP_RETENTION, fitted on these runs).", "",
+             "(the plan's CPU runtime constant included; CPU heap kept: plan.CPU_HEAP_KEPT or CPU_HEAP_KEPT_SEVERAL x one "
+             "pass's layer activations, fitted on r1-r10; r11-r13 are held out).", "",
              "| run | settings | measured GiB | predicted GiB | error | parts (GiB): weights / LoRA / grads / optimizer / activations / output layer / transient / CPU heap kept |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         p = r["parts_gib"]
         parts = " / ".join(f"{p[k]:.2f}" for k in ("weights", "lora", "gradients", "optimizer", "activations", "output_layer", "transient", "heap"))
         lines.append(f"| {r['run']} | {r['settings']} | {r['measured_gib']:.3f} | {r['predicted_gib']:.3f} | {100 * r['error']:+.1f}% | {parts} |")
-    lines += ["", f"Largest error: {100 * abs(worst['error']):.1f}% ({worst['run']}); runs: {len(rows)}.", ""]
+    fitted = [r for r in rows if r["run"] not in HELD_OUT]
+    held = [r for r in rows if r["run"] in HELD_OUT]
+    lines.append("")
+    for label, group in (("runs the heap shares were fitted on", fitted), ("held-out runs", held)):
+        if group:
+            worst = max(group, key=lambda r: abs(r["error"]))
+            lines.append(f"Largest error, {label} ({len(group)}): {100 * abs(worst['error']):.1f}% ({worst['run']}).")
+    lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -20,6 +20,7 @@ from orpo.training.memory import (
     lora_copies,
     optimizer_bytes,
     pass_bytes,
+    peak,
     trainable_tensors,
     weight_bytes,
 )
@@ -200,3 +201,17 @@ def test_checkpointing_frees_the_fused_layers_activations(model_dir):
     assert held < 1.3 * (kept + head), (held, kept + head)
     loss.backward()  # the rebuilds unpack each checkpointed tensor once
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_full_fine_tuning_peak_adds_up_on_a_gpu():
+    """Full fine-tuning on a GPU: the gradient reported is the one held at the chosen moment (a step's first pass
+    grows it as the activations go), so the parts add up to the largest pass's total, not more."""
+    arch = Arch("llama", 4, 256, 768, 4, 2, 64, 32_000, False)
+    setup = Setup(lora=False, gradient_checkpointing=False, residual_bytes=4, linear_bytes=4, weight_bytes=4, kernel="sdpa")
+    one = Pass(2, 256, ((128, 128, 128),), packed=False, padded=False)
+    parts = peak(arch, setup, [[one]])
+    kept, head, transient = pass_bytes(arch, setup, one)
+    grads = sum(trainable_tensors(arch, setup)) * 4
+    assert parts.gradients == max(0, grads - kept - head)
+    assert parts.total == parts.weights + parts.optimizer + kept + head + transient + parts.gradients
+    assert peak(arch, setup, []).gradients == grads  # no passes: the whole gradient

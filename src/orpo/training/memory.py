@@ -336,16 +336,15 @@ def lora_copies(arch: Arch, setup: Setup) -> int:
 
 
 def peak(arch: Arch, setup: Setup, steps: list[list[Pass]], runtime: int = 0, shards: dict[str, int] | None = None,
-         reuse: bool = True, heap: float = 0.0) -> Parts:
+         heap: float = 0.0) -> Parts:
     """The peak of a process that trains `steps` (each a list of passes), by part.
 
     Optimizer states exist from the first update on, so every later step holds them with its activations.
     Gradients: a LoRA run's are small and counted whole; in full fine-tuning a step's first pass grows them
     while its activations are freed (the larger of the two counts), and a later pass of the same step runs its
-    forward with the whole gradient held. `reuse`: the allocator gives the freed activations' memory to the
-    gradients (CUDA's caching allocator); on a CPU (`reuse` false) glibc's heap rarely can, and the process's
-    resident memory holds both, and its heap keeps `heap` x the bytes one forward pass's layers allocate (every
-    layer's activations, checkpointed or not) of the largest pass: freed, yet not given back to the system.
+    forward with the whole gradient held. That is what the tensors need at once, on a GPU and on a CPU alike.
+    `heap` (CPU): glibc's heap keeps memory that tensors freed, resident though free; counted as `heap` x the
+    bytes one forward pass's layers allocate (every layer's activations, checkpointed or not) of the largest pass.
     `shards`: divisors of weights / gradients / optimizer per process (FSDP2, ZeRO)."""
     shards = shards or {}
     sizes = trainable_tensors(arch, setup)
@@ -361,7 +360,7 @@ def peak(arch: Arch, setup: Setup, steps: list[list[Pass]], runtime: int = 0, sh
     for passes in steps:
         for i, p in enumerate(passes):
             kept, head, transient = pass_bytes(arch, setup, p)
-            if setup.lora or i > 0 or not reuse:
+            if setup.lora or i > 0:
                 held = grads
                 total = kept + head + transient + held
             else:  # full fine-tuning, a step's first pass: the gradient grows as the activations go
@@ -369,12 +368,12 @@ def peak(arch: Arch, setup: Setup, steps: list[list[Pass]], runtime: int = 0, sh
                 total = kept + head + transient + held
             if best is None or total > best[0]:
                 best = (total, kept, head, transient, held)
-    if best is not None:
+    if best is None:  # no passes: the gradients whole
+        parts.gradients = grads
+    else:
         _, parts.activations, parts.output_layer, parts.transient, parts.gradients = best
     if heap and steps:
         parts.heap = int(heap * max(arch.layers * layer_bytes(arch, setup, p) for passes in steps for p in passes))
-    else:
-        parts.gradients = grads
     return parts
 
 

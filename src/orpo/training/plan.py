@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 # tokenizer and the data (RSS of `orpo train` up to the model's loading). Measured on this project's CPU host
 # (bench/plan_check.py prints it); the CPU's counterpart of a GPU's CUDA context.
 CPU_RUNTIME_GIB = 0.45
-# glibc's heap keeps much of what a pass frees (tensors of 128 KiB-32 MiB live there; freed holes of one size are
-# seldom reused by the next pass's others): this share of one pass's layer activations stays resident. Fitted on
-# bench/plan_check.py's runs (bench/results/plan-cpu.md); with MALLOC_MMAP_THRESHOLD_ fixed the process's RSS
-# follows the live tensors instead (and runs slower).
-CPU_HEAP_RETENTION = 0.75
+# glibc's heap keeps much of what the passes free, resident (tensors under its mmap threshold, at most 32 MiB, live
+# there, and it returns freed memory only from the heap's top): a share of the largest pass's layer activations.
+# The share is larger when a step runs several passes that each hold every layer's activations (packed micro-batches
+# or accumulation without checkpointing: holes of many sizes); bench/results/plan-cpu-split.md measures the heap's
+# free part at each run's peak. Both fitted on bench/plan_check.py's runs r1-r10; the held-out r11-r13 miss by up
+# to 19% (the heap's extent depends on the order and sizes of all that was freed before, which is not simulated).
+CPU_HEAP_KEPT = 0.75
+CPU_HEAP_KEPT_SEVERAL = 1.0
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 
 
@@ -261,13 +264,20 @@ def size(config: Config, arch: Arch, lengths: Lengths, new_tokens: int, device: 
     steps = lay_out(config, lengths, device, setup.kernel, world)
     runtime = int((CUDA_CONTEXT_GIB if device == "cuda" else CPU_RUNTIME_GIB) * GIB)
     divide = shards(engine, world)
-    heap = 0.0 if device == "cuda" else CPU_HEAP_RETENTION
-    mine = peak(arch, setup, steps, runtime, divide, reuse=device == "cuda", heap=heap)
+    mine = peak(arch, setup, steps, runtime, divide, heap=heap_share(device, setup, steps))
     trl_setup = replace(setup, code="stock", layout="plain", kernel=config.model.attn_implementation or "sdpa")
-    theirs = peak(arch, trl_setup, lay_out(config, lengths, device, trl_setup.kernel, world, trl=True), runtime, divide,
-                  reuse=device == "cuda", heap=heap)
+    trl_steps = lay_out(config, lengths, device, trl_setup.kernel, world, trl=True)
+    theirs = peak(arch, trl_setup, trl_steps, runtime, divide, heap=heap_share(device, trl_setup, trl_steps))
     notes += mine.notes
     return mine, theirs, notes, steps, setup
+
+
+def heap_share(device: str, setup: Setup, steps: list[list[Pass]]) -> float:
+    """The share of the largest pass's layer activations glibc's heap keeps resident (0 on a GPU)."""
+    if device == "cuda":
+        return 0.0
+    several = not setup.gradient_checkpointing and any(len(passes) > 1 for passes in steps)
+    return CPU_HEAP_KEPT_SEVERAL if several else CPU_HEAP_KEPT
 
 
 def total_gib(parts: Parts, device: str) -> float:
