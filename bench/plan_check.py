@@ -100,6 +100,14 @@ def settings(name: str, data: Path) -> dict:
     return {**COMMON, **model, **own, "data.path": str(data), "output_dir": str(WORK / "runs" / name)}
 
 
+def written(name: str, data: Path) -> tuple[dict, Path]:
+    """Run `name`'s flat settings, and its config file under WORK (written)."""
+    flat = settings(name, data)
+    config = WORK / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(unflatten(flat)))
+    return flat, config
+
+
 def measure(config_file: Path) -> tuple[float, float]:
     """(peak RSS in GiB, seconds) of `orpo train CONFIG` in a fresh process."""
     code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -149,7 +157,7 @@ def split_table(rows: list[dict], out: Path) -> None:
 def predict(flat: dict) -> dict:
     from orpo.config import make_config
     from orpo.training.memory import GIB, layer_bytes
-    from orpo.training.plan import heap_share, lay_out, plan_job, read_arch, read_lengths, setup_for
+    from orpo.training.plan import lay_out, plan_job, read_arch, read_lengths, setup_for
 
     config = make_config(flat)
     plan = plan_job(config, gpus=["cpu"])
@@ -159,7 +167,7 @@ def predict(flat: dict) -> dict:
     steps = lay_out(config, lengths, "cpu", setup.kernel, 1)
     acts = max(arch.layers * layer_bytes(arch, setup, p) for passes in steps for p in passes) / GIB
     return {"predicted_gib": target.peak_gib, "parts_gib": target.as_dict()["parts_gib"], "lengths": plan.lengths_source,
-            "acts_gib": round(acts, 3), "heap_share": heap_share("cpu", setup, steps)}
+            "acts_gib": round(acts, 3)}
 
 
 def describe(flat: dict) -> str:
@@ -215,9 +223,7 @@ def main() -> None:
             return
         rows = []
         for name in args.runs.split(","):
-            flat = settings(name, data)
-            config = WORK / f"{name}.yaml"
-            config.write_text(yaml.safe_dump(unflatten(flat)))
+            flat, config = written(name, data)
             predicted = predict(flat)
             rows.append({"run": name, "settings": describe(flat), "split": measure_split(config), "parts_gib": predicted["parts_gib"],
                          "acts_gib": predicted["acts_gib"]})
@@ -227,9 +233,7 @@ def main() -> None:
     rows = []
     kept = {r["run"]: r for r in json.loads(Path(args.out).with_suffix(".json").read_text())} if args.predict_only else {}
     for name in args.runs.split(","):
-        flat = settings(name, data)
-        config = WORK / f"{name}.yaml"
-        config.write_text(yaml.safe_dump(unflatten(flat)))
+        flat, config = written(name, data)
         predicted = predict(flat)
         if name in kept:
             measured, seconds = kept[name]["measured_gib"], kept[name]["seconds"]
